@@ -1,0 +1,341 @@
+"""peft_layers: init, counts, merge, save/load, HF PEFT and loralib parity, errors, training."""
+import math
+
+import pytest
+import torch
+from conftest import tiny_bert_config, tiny_gpt2_config, tiny_roberta_config
+from transformers import BertForSequenceClassification, GPT2LMHeadModel, RobertaForSequenceClassification
+
+import peft_layers as pl
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+SETTINGS = [("lora", 4, 8.0), ("vera", 8, None), ("randlora", 4, 16.0)]
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(**NO_DROPOUT)).eval()
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(tiny_gpt2_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+def ids(vocab, shape=(3, 13), seed=1):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_adapter(model, seed=3):
+    """Give every trainable tensor non-trivial values (a trained adapter), independent of merge state."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("method,rank,alpha", SETTINGS)
+@pytest.mark.parametrize("arch", ["bert", "roberta", "gpt2"])
+def test_delta_is_zero_at_init(arch, method, rank, alpha):
+    build = {"bert": bert, "gpt2": gpt2,
+             "roberta": lambda: RobertaForSequenceClassification(tiny_roberta_config(**NO_DROPOUT)).eval()}[arch]
+    torch.manual_seed(0)
+    base = build()
+    x = ids(1000)
+    before = logits(base, x)
+    pl.apply_adapter(base, method, rank, alpha)
+    base.train()  # unmerged: the adapter path itself must add exactly zero
+    with torch.no_grad():
+        after = base(x).logits
+    assert torch.equal(before, after)
+    for _, layer in pl.adapter_layers(base):
+        assert torch.count_nonzero(layer.delta_weight()) == 0
+
+
+def test_lora_init_matches_loralib_and_peft_scheme():
+    model = pl.apply_adapter(bert(), "lora", 4, 8.0)
+    layer = model.bert.encoder.layer[0].attention.self.query
+    bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=sqrt(5)) on (r, in)
+    assert layer.lora_A.shape == (4, 32) and layer.lora_B.shape == (32, 4)
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 4
+    assert torch.count_nonzero(layer.lora_B) == 0 and layer.scale == 2.0
+
+
+def test_trainable_parameter_counts():
+    d, layers = 32, 2 * 2  # hidden size; 2 blocks x (query, value)
+    head = d * 2 + 2
+    lora = pl.apply_adapter(bert(), "lora", 4, 8.0, modules_to_save=["classifier"])
+    assert pl.trainable_parameters(lora)[0] == layers * 4 * (d + d) + head
+    vera = pl.apply_adapter(bert(), "vera", 8)
+    assert pl.trainable_parameters(vera)[0] == layers * (d + 8)
+    rand = pl.apply_adapter(bert(), "randlora", 4, 16.0)
+    n = math.ceil(d / 4)
+    assert pl.trainable_parameters(rand)[0] == layers * (4 * n + n * d)
+    # frozen means frozen: nothing but adapter tensors and the head has requires_grad
+    names = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert all(("lora_" in n) or n.startswith("classifier.") for n in names)
+    # the shared projections are buffers, never parameters (no gradient or optimizer state)
+    assert not any("vera_A" in n or "vera_B" in n for n, _ in vera.named_parameters())
+
+
+def test_gpt2_fused_lora_adapts_only_q_and_v_slices():
+    model = pl.apply_adapter(gpt2(), "lora", 4, 32.0)
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert c_attn.fan_in_fan_out and c_attn.enable == (True, False, True)
+    assert c_attn.lora_A.shape == (8, 32) and c_attn.lora_B.shape == (64, 4)  # loralib MergedLinear layout
+    randomize_adapter(model)
+    delta = c_attn.delta_weight()  # (out=96, in=32)
+    assert torch.count_nonzero(delta[32:64]) == 0  # k rows untouched
+    assert torch.count_nonzero(delta[:32]) > 0 and torch.count_nonzero(delta[64:]) > 0
+
+
+@pytest.mark.parametrize("method,rank,alpha", SETTINGS)
+def test_eval_merges_train_unmerges(method, rank, alpha):
+    model = randomize_adapter(pl.apply_adapter(bert(), method, rank, alpha, modules_to_save=["classifier"]))
+    x = ids(1000)
+    model.train()
+    layer = model.bert.encoder.layer[1].attention.self.value
+    base_weight = layer.weight.detach().clone()
+    assert not layer.merged
+    unmerged = logits(model, x)
+    model.eval()
+    assert layer.merged, "eval() must merge the adapter into the weight"
+    assert not torch.allclose(layer.weight, base_weight)
+    merged = logits(model, x)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    model.train()
+    assert not layer.merged
+    torch.testing.assert_close(layer.weight, base_weight, atol=1e-6, rtol=0)
+
+
+def test_merged_state_dict_holds_base_weight_and_edits_while_merged_are_safe():
+    model = randomize_adapter(pl.apply_adapter(bert(), "lora", 4, 8.0))
+    model.train()
+    base_weight = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    model.eval()  # merged
+    sd = model.state_dict()
+    torch.testing.assert_close(sd["bert.encoder.layer.0.attention.self.query.weight"], base_weight, atol=1e-6, rtol=0)
+    randomize_adapter(model, seed=9)  # e.g. a load or an optimizer step while merged
+    model.train()
+    torch.testing.assert_close(model.bert.encoder.layer[0].attention.self.query.weight, base_weight, atol=1e-6, rtol=0)
+    # a state dict taken while merged loads into a fresh adapted model and reproduces the logits
+    x = ids(1000)
+    model.eval()
+    expect, sd = logits(model, x), model.state_dict()
+    fresh = pl.apply_adapter(bert(seed=5), "lora", 4, 8.0)
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(logits(fresh.eval(), x), expect, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,rank,alpha", SETTINGS)
+def test_merge_and_unload_gives_plain_model(tmp_path, method, rank, alpha):
+    model = randomize_adapter(pl.apply_adapter(bert(), method, rank, alpha, modules_to_save=["classifier"]))
+    x = ids(1000)
+    expect = logits(model.eval(), x)
+    plain = pl.merge_and_unload(model)
+    assert not pl.adapter_layers(plain) and not hasattr(plain, pl.BASES_ATTR)
+    assert type(plain.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    plain.save_pretrained(tmp_path)
+    back = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(back, x), expect, atol=1e-5, rtol=0)
+
+
+def test_merge_and_unload_gpt2_conv1d(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+    model = randomize_adapter(pl.apply_adapter(gpt2(), "lora", 4, 32.0))
+    x = ids(50257)
+    expect = logits(model.eval(), x)
+    plain = pl.merge_and_unload(model)
+    assert type(plain.transformer.h[0].attn.c_attn) is Conv1D
+    plain.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(GPT2LMHeadModel.from_pretrained(tmp_path).eval(), x), expect, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,rank,alpha", SETTINGS)
+def test_save_load_round_trip_into_fresh_model(tmp_path, method, rank, alpha):
+    model = randomize_adapter(pl.apply_adapter(bert(), method, rank, alpha, seed=7, modules_to_save=["classifier"]))
+    x = ids(1000)
+    expect = logits(model.eval(), x)
+    pl.save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "adapter.json").exists()
+    fresh = pl.load_adapter(bert(), tmp_path)  # same base weights, no adapter yet: built from the config
+    assert fresh.peft_layers_config["method"] == method and fresh.peft_layers_config["seed"] == 7
+    torch.testing.assert_close(logits(fresh.eval(), x), expect, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method,rank,alpha", SETTINGS)
+def test_ours_to_peft_parity(tmp_path, method, rank, alpha):
+    from peft import PeftModel
+    model = randomize_adapter(pl.apply_adapter(bert(), method, rank, alpha, modules_to_save=["classifier"]))
+    x = ids(1000)
+    expect = logits(model.eval(), x)
+    pl.save_peft(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(bert(), tmp_path).eval()
+    torch.testing.assert_close(logits(peft_model, x), expect, atol=1e-5, rtol=0)
+
+
+def _peft_config(method, rank, alpha, targets, **kw):
+    import peft
+    if method == "lora":
+        return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, **kw)
+    if method == "vera":
+        return peft.VeraConfig(r=rank, target_modules=targets, **kw)
+    return peft.RandLoraConfig(r=rank, randlora_alpha=alpha, target_modules=targets, **kw)
+
+
+@pytest.mark.parametrize("method,rank,alpha", SETTINGS)
+def test_peft_trained_adapter_loads_into_ours(tmp_path, method, rank, alpha):
+    from peft import get_peft_model
+    peft_model = get_peft_model(bert(), _peft_config(method, rank, alpha, ["query", "value"],
+                                                     modules_to_save=["classifier"]))
+    randomize_adapter(peft_model)
+    x = ids(1000)
+    expect = logits(peft_model.eval(), x)
+    peft_model.save_pretrained(tmp_path)
+    ours = pl.load_adapter(bert(), tmp_path)
+    torch.testing.assert_close(logits(ours.eval(), x), expect, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,rank", [("vera", 8), ("randlora", 4)])
+def test_shared_projections_match_peft_for_the_same_seed(method, rank):
+    from peft import get_peft_model
+    theirs = get_peft_model(bert(), _peft_config(method, rank, 16.0, ["query", "value"], projection_prng_key=11))
+    ours = pl.apply_adapter(bert(), method, rank, 16.0, seed=11)
+    for name in (f"{method}_A", f"{method}_B"):
+        peft_buf = getattr(theirs.base_model, name)["default"]
+        torch.testing.assert_close(getattr(ours.peft_bases, name), peft_buf.float(), atol=0, rtol=0)
+
+
+def test_gpt2_fused_lora_peft_parity(tmp_path):
+    from peft import PeftModel
+    model = randomize_adapter(pl.apply_adapter(gpt2(), "lora", 4, 32.0))
+    x = ids(50257)
+    expect = logits(model.eval(), x)
+    pl.save_peft(model, tmp_path)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(gpt2(), tmp_path).eval(), x), expect,
+                               atol=1e-5, rtol=0)
+    back = pl.load_adapter(gpt2(), tmp_path)  # PEFT -> ours: a rank-2r LoRA on the whole c_attn, same function
+    torch.testing.assert_close(logits(back.eval(), x), expect, atol=1e-5, rtol=0)
+
+
+def test_loralib_checkpoint_loads_with_identical_logits(tmp_path):
+    import loralib
+    x = ids(1000)
+    theirs = bert()
+    for layer in theirs.bert.encoder.layer:
+        for name in ("query", "value"):
+            old = getattr(layer.attention.self, name)
+            new = loralib.Linear(old.in_features, old.out_features, r=4, lora_alpha=8)
+            new.load_state_dict(old.state_dict(), strict=False)
+            torch.nn.init.normal_(new.lora_B)
+            setattr(layer.attention.self, name, new)
+    theirs.eval()
+    expect = logits(theirs, x)
+    torch.save(loralib.lora_state_dict(theirs), tmp_path / "lora.pt")
+    ours = pl.apply_adapter(bert(), "lora", 4, 8.0)
+    pl.load_adapter(ours, tmp_path / "lora.pt")
+    torch.testing.assert_close(logits(ours.eval(), x), expect, atol=1e-5, rtol=0)
+
+
+def test_rank_mismatch_is_named(tmp_path):
+    pl.save_adapter(pl.apply_adapter(bert(), "lora", 8, 16.0), tmp_path)
+    with pytest.raises(pl.AdapterError, match=r"checkpoint has rank 8 for bert\.encoder\.layer\.0\.attention\.self\.query, model has rank 16"):
+        pl.load_adapter(pl.apply_adapter(bert(), "lora", 16, 16.0), tmp_path)
+
+
+def test_checkpoint_keys_that_do_not_land_are_errors(tmp_path):
+    # checkpoint adapts query+value; model adapts only query -> value tensors have nowhere to go
+    pl.save_adapter(pl.apply_adapter(bert(), "lora", 4, 8.0), tmp_path)
+    with pytest.raises(pl.AdapterError, match=r"value\.lora_A has no place in the model"):
+        pl.load_adapter(pl.apply_adapter(bert(), "lora", 4, 8.0, target_modules=["query"]), tmp_path)
+    # and the reverse: model tensors the checkpoint lacks
+    other = tmp_path / "q"
+    pl.save_adapter(pl.apply_adapter(bert(), "lora", 4, 8.0, target_modules=["query"]), other)
+    with pytest.raises(pl.AdapterError, match="not in the checkpoint"):
+        pl.load_adapter(pl.apply_adapter(bert(), "lora", 4, 8.0), other)
+    with pytest.raises(pl.AdapterError, match="holds a lora adapter, model has vera"):
+        pl.load_adapter(pl.apply_adapter(bert(), "vera", 8), tmp_path)
+
+
+def test_bad_arguments_give_clear_errors(tmp_path):
+    with pytest.raises(pl.AdapterError, match="unknown adapter method 'dora'"):
+        pl.apply_adapter(bert(), "dora", 4)
+    with pytest.raises(pl.AdapterError, match=r"no linear layer matches target_modules \['nope'\]"):
+        pl.apply_adapter(bert(), "lora", 4, target_modules=["nope"])
+    with pytest.raises(pl.AdapterError, match="already has an adapter"):
+        pl.apply_adapter(pl.apply_adapter(bert(), "lora", 4), "lora", 4)
+    torch.save({"x.lora_A": torch.zeros(1)}, tmp_path / "l.pt")
+    with pytest.raises(pl.AdapterError, match="apply a LoRA adapter with the checkpoint's rank and alpha first"):
+        pl.load_adapter(bert(), tmp_path / "l.pt")
+
+
+@pytest.mark.parametrize("method,rank,alpha", SETTINGS)
+@pytest.mark.parametrize("tokens", [2, 400])  # few tokens: factored path; many: merged-weight path
+def test_gradients_match_plain_autograd(method, rank, alpha, tokens):
+    bases = pl.SharedBases(method, rank, [(40, 24)], seed=0).double() if method != "lora" else None
+    layer = pl.AdapterLayer(torch.nn.Linear(24, 40), method, rank, alpha or 1.0, 0.0, bases).double()
+    with torch.no_grad():
+        for n in layer.adapter_names():
+            getattr(layer, n).normal_()
+    x = torch.randn(tokens, 24, dtype=torch.double, requires_grad=True)
+    params = [getattr(layer, n) for n in layer.adapter_names()]
+    y = layer(x)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x] + params, g)
+    down, up = layer.factors()
+    ref_y = x @ (layer.weight + layer.scale * up @ down).t() + layer.bias
+    ref = torch.autograd.grad(ref_y, [x] + params, g)
+    torch.testing.assert_close(y, ref_y)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_both_paths_are_exercised():
+    assert pl._merged_path_is_cheaper(4096, 384, 384, 256, True, False)  # VeRA r=256 on a full batch
+    assert not pl._merged_path_is_cheaper(4096, 384, 384, 8, True, False)  # LoRA r=8
+    assert not pl._merged_path_is_cheaper(2, 384, 384, 384, True, False)  # one short sequence
+
+
+@pytest.mark.parametrize("method,rank,alpha", SETTINGS)
+def test_a_few_steps_lower_the_loss(method, rank, alpha):
+    model = pl.apply_adapter(bert(), method, rank, alpha, modules_to_save=["classifier"]).train()
+    x, y = ids(1000, (8, 12)), torch.tensor([0, 1] * 4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(12):
+        loss = model(input_ids=x, labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.7, losses
+    adapter_moved = any(torch.count_nonzero(layer.delta_weight()) > 0 for _, layer in pl.adapter_layers(model))
+    assert adapter_moved
+
+
+def test_dropout_trains_and_eval_is_deterministic():
+    model = pl.apply_adapter(bert(), "lora", 4, 8.0, dropout=0.5).train()
+    x = ids(1000)
+    loss = model(input_ids=x, labels=torch.tensor([0, 1, 0])).loss
+    loss.backward()
+    assert model.bert.encoder.layer[0].attention.self.query.lora_A.grad is not None
+    model.eval()
+    torch.testing.assert_close(logits(model, x), logits(model, x), atol=0, rtol=0)
+
+
+def test_bf16_autocast_close_to_fp32():
+    model = randomize_adapter(pl.apply_adapter(bert(), "randlora", 4, 16.0)).train()
+    x = ids(1000)
+    ref = model(input_ids=x).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=x).logits
+        out.float().sum().backward()
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    assert model.bert.encoder.layer[0].attention.self.query.randlora_gamma.grad.dtype == torch.float32
