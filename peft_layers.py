@@ -64,8 +64,9 @@ class _AdaptedLinear(torch.autograd.Function):
     merged=True: one matmul with W + delta_W (in half precision the update is added as a second matmul, so a
     small delta_W is not rounded away against W). merged=False: the factored form, with the adapter fed
     `x_drop` (dropout applied) while the frozen path sees `x`.
-    Saved for backward: x (shared with the neighbouring q/k/v layers), the small factors, and for LoRA the
-    (tokens x r) projection needed for lora_B's gradient. Nothing R-wide per token, no gradient for W.
+    Saved for backward: x (shared with the neighbouring q/k/v layers), the small factors, and either the merged
+    weight or, for LoRA, the (tokens x r) projection that lora_B's gradient needs. Nothing R-wide per token is
+    kept, and W gets no gradient.
     """
 
     @staticmethod
@@ -74,24 +75,28 @@ class _AdaptedLinear(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)
         if merged:
             delta = torch.mm(up, down).mul_(scale)
+            w_eff = None
             if x.dtype in (torch.float32, torch.float64):
-                y = F.linear(x2, weight + delta, bias)
+                w_eff = weight + delta
+                y = F.linear(x2, w_eff, bias)
             else:
                 y = F.linear(x2, weight, bias).addmm_(x2, delta.t())
-            ctx.save_for_backward(x, weight, down, up, None, None)
+            # The merged weight (out x in) is smaller than anything per token here: keep it for grad_x.
+            keep = w_eff if ctx.needs_input_grad[0] else None
+            ctx.save_for_backward(x, weight, down, up, None, keep)
         else:
             xa2 = x2 if x_drop is None else x_drop.reshape(-1, in_f)
             h = torch.mm(xa2, down.t())
             y = F.linear(x2, weight, bias).addmm_(h, up.t(), alpha=scale)
-            keep_h = h if up.requires_grad else None
-            ctx.save_for_backward(x if x_drop is None else None, weight, down, up, x_drop, keep_h)
+            keep = h if up.requires_grad else None
+            ctx.save_for_backward(x if x_drop is None else None, weight, down, up, x_drop, keep)
         ctx.scale, ctx.merged, ctx.has_drop = scale, merged, x_drop is not None
         ctx.bias_grad = bias is not None and bias.requires_grad
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, down, up, x_drop, h = ctx.saved_tensors
+        x, weight, down, up, x_drop, kept = ctx.saved_tensors  # kept: merged weight, or LoRA's x @ down^T
         need_x, need_w, _, need_down, need_up = ctx.needs_input_grad[:5]
         need_xdrop = ctx.needs_input_grad[6]
         if need_w:
@@ -109,24 +114,22 @@ class _AdaptedLinear(torch.autograd.Function):
                 if need_down:
                     grad_down = torch.mm(up.t(), gw).mul_(scale)
             if need_x:
-                w_eff = torch.addmm(weight, up, down, alpha=scale)
+                w_eff = kept if kept is not None else torch.addmm(weight, up, down, alpha=scale)
                 grad_x = torch.mm(g2, w_eff).view(grad_out.shape[:-1] + (in_f,))
         else:
             xa2 = (x if x_drop is None else x_drop).reshape(-1, in_f)
             gh = torch.mm(g2, up).mul_(scale)  # (tokens x R): the adapter's share of the gradient
             if need_up:
-                grad_up = torch.mm(g2.t(), h).mul_(scale)
+                grad_up = torch.mm(g2.t(), kept).mul_(scale)
             if need_down:
                 grad_down = torch.mm(gh.t(), xa2)
             if need_x or need_xdrop:
-                g_adapter = torch.mm(gh, down)
-                g_base = torch.mm(g2, weight)
                 shape = grad_out.shape[:-1] + (in_f,)
                 if ctx.has_drop:
-                    grad_x = g_base.view(shape) if need_x else None
-                    grad_xdrop = g_adapter.view(shape) if need_xdrop else None
+                    grad_x = torch.mm(g2, weight).view(shape) if need_x else None
+                    grad_xdrop = torch.mm(gh, down).view(shape) if need_xdrop else None
                 else:
-                    grad_x = g_base.add_(g_adapter).view(shape)
+                    grad_x = torch.mm(g2, weight).addmm_(gh, down).view(shape)
         if ctx.bias_grad:
             grad_bias = g2.sum(0)
         return grad_x, None, grad_bias, grad_down, grad_up, None, grad_xdrop, None

@@ -96,6 +96,11 @@ def measure_memory(name, args):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
+def now(args):
+    # cpu: this process's CPU seconds, a steady measure of work on a busy machine (use with --threads 1)
+    return time.process_time() if args.clock == "cpu" else time.perf_counter()
+
+
 def time_configs(names, args):
     ids, labels = make_batch(args, args.device)
     built = {n: build(n, args.model_path, args.device) for n in names}
@@ -107,11 +112,11 @@ def time_configs(names, args):
         for n in names:
             model, opt = built[n]
             sync(args.device)
-            t0 = time.perf_counter()
+            t0 = now(args)
             for _ in range(args.steps):
                 train_step(model, opt, ids, labels, args)
             sync(args.device)
-            rates[n].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+            rates[n].append(args.steps * args.batch_size / (now(args) - t0))
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {rates[n][-1]:.1f}" for n in names), flush=True)
     return {n: statistics.median(v) for n, v in rates.items()}
 
@@ -130,11 +135,11 @@ def time_inference(args):
         for _ in range(args.rounds):
             for name, model in (("plain", plain), ("merged-lora", adapted)):
                 sync(args.device)
-                t0 = time.perf_counter()
+                t0 = now(args)
                 for _ in range(args.steps):
                     model(input_ids=ids)
                 sync(args.device)
-                rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+                rates[name].append(args.steps * args.batch_size / (now(args) - t0))
     return {n: statistics.median(v) for n, v in rates.items()}
 
 
@@ -147,6 +152,9 @@ def main():
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: samples per second (report these, on a quiet machine); cpu: samples per CPU second "
+                        "of this process, steadier on a busy machine (with --threads 1)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -170,6 +178,7 @@ def main():
         return
 
     print(f"device={args.device} bf16={args.bf16} batch={args.batch_size} seq={args.seq_len} threads={args.threads} "
+          f"clock={args.clock} "
           f"torch={torch.__version__}", flush=True)
     memory = {}
     if not args.skip_memory:
@@ -180,14 +189,15 @@ def main():
             print(f"  peak memory {n}: {memory[n]:.2f} GB", flush=True)
     speed = time_configs(names, args)
 
-    print(f"\n{'config':<15} {'samples/s':>10} {'peak GB':>8} {'vs PEFT':>8} {'vs floor':>9}")
+    unit = "samples/s" if args.clock == "wall" else "samples/cpu-s"
+    print(f"\n{'config':<15} {unit:>13} {'peak GB':>8} {'vs PEFT':>8} {'vs floor':>9}")
     for n in names:
         impl, method = CONFIGS[n][:2]
         peer = f"peft-{method}" if impl == "ours" else None
         vs_peft = f"{speed[n] / speed[peer]:.3f}x" if peer in speed else ""
         vs_floor = f"{speed[n] / speed['floor']:.3f}x" if "floor" in speed and n != "floor" else ""
         mem = f"{memory[n]:.2f}" if n in memory else ""
-        print(f"{n:<15} {speed[n]:>10.2f} {mem:>8} {vs_peft:>8} {vs_floor:>9}")
+        print(f"{n:<15} {speed[n]:>13.2f} {mem:>8} {vs_peft:>8} {vs_floor:>9}")
     for method in ("lora", "vera", "randlora"):
         o, q = f"ours-{method}", f"peft-{method}"
         if o in memory and q in memory:
