@@ -1,0 +1,286 @@
+"""Score generated texts with the E2E NLG Challenge metrics: BLEU, NIST, METEOR, ROUGE_L and CIDEr.
+
+The numbers are those of the challenge's official scorer (tuetschek/e2e-metrics, measure_scores.py):
+  - BLEU and NIST as its MTEval Perl script (mteval-v13a-sig.pl) computes them: its tokenisation, 9-gram
+    information weights, closest-reference brevity penalty, smoothed BLEU, and NIST averaged over the number of
+    non-empty references. Re-implemented here in Python (no Perl), same arithmetic.
+  - METEOR 1.5, ROUGE_L and CIDEr through pycocoevalcap (the same Java PTB tokenizer and METEOR jar, the same
+    Python ROUGE_L/CIDEr code the official scorer vendors).
+It is faster than the official scorer mainly because the METEOR JVM (about 10 s to load its paraphrase table)
+starts first and runs beside the Python metrics, and the Perl MTEval pass is replaced by a short Python one.
+
+Input: a reference file (references of one instance on consecutive lines, instances separated by one blank
+line; a file without blank lines holds one reference per instance) and a prediction file (one line per
+instance, same order) -- the two files gpt2_decode.py writes.
+
+    python e2e_eval.py --ref_file refs.txt --pred_file preds.txt --output_json scores.json
+"""
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from common import UsageError, atomic_write_json, run_main
+
+METRICS = ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
+JAVA_MISSING = ("Java is needed for METEOR and the PTB tokenizer but `java` is not on PATH; install a Java runtime "
+                "(8 or newer), e.g. `sudo apt-get install -y default-jre-headless`, then run again")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the two files exactly as measure_scores.py does (codecs-style line splitting, each line stripped).
+
+def read_predictions(path):
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def read_references(path):
+    """References grouped per instance: consecutive lines, groups separated by a blank line."""
+    groups = [[]]
+    for line in read_predictions(path):
+        if line:
+            groups[-1].append(line)
+        else:
+            groups.append([])
+    if not groups[-1]:
+        groups.pop()
+    if len(groups) == 1:  # no blank line at all: a single-reference file
+        groups = [[ref] for ref in groups[0]]
+    for i, group in enumerate(groups):
+        if not group:
+            raise UsageError(f"{path}: instance {i + 1} has no reference (two blank lines in a row?); "
+                             "separate the reference groups by exactly one blank line")
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MTEval (mteval-v13a-sig.pl) BLEU and NIST.
+
+# Perl's \s on character strings; Python's \s also matches \x1c-\x1f, which Perl keeps inside words.
+PERL_SPACE = "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_PERL_SPACES = re.compile(PERL_SPACE + "+")
+_PUNCT = re.compile(r"([{-~\[-` -&(-+:-@/])")
+_PERIOD_COMMA_AFTER = re.compile(r"([^0-9])([.,])")
+_PERIOD_COMMA_BEFORE = re.compile(r"([.,])([^0-9])")
+_DIGIT_DASH = re.compile(r"([0-9])(-)")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+BLEU_ORDER, NIST_ORDER = 4, 5
+
+
+def mteval_tokenize(text):
+    """One segment as MTEval sees it: measure_scores.py writes it raw into an SGML file, the Perl reader joins
+    whitespace runs, then its default (non-international) tokenisation runs."""
+    text = _PERL_SPACES.sub(" ", text)
+    text = text.replace("<skipped>", "")
+    for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+        text = text.replace(entity, char)
+    text = f" {text} ".translate(_ASCII_LOWER)  # tr/[A-Z]/[a-z]/: ASCII letters only
+    text = _PUNCT.sub(r" \1 ", text)
+    text = _PERIOD_COMMA_AFTER.sub(r"\1 \2 ", text)
+    text = _PERIOD_COMMA_BEFORE.sub(r" \1 \2", text)
+    text = _DIGIT_DASH.sub(r"\1 \2 ", text)
+    text = _PERL_SPACES.sub(" ", text).strip(" ")
+    return text.split(" ") if text else []
+
+
+def _ngram_counts(words, max_n):
+    return Counter(tuple(words[i:i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1))
+
+
+def mteval_bleu_nist(references, predictions):
+    """System-level (BLEU, NIST) of mteval-v13a-sig.pl as run by measure_scores.py (one document, references
+    padded with empty segments where an instance has fewer of them)."""
+    refs = [[mteval_tokenize(r) for r in group] for group in references]
+    hyps = [mteval_tokenize(p) for p in predictions]
+
+    # Information weight of each n-gram from all reference segments: -log2(count(w1..wn) / count(w1..wn-1)).
+    # Orders above 5 never reach BLEU-4 or NIST-5, so they are not counted.
+    ngram_count = Counter()
+    total_words = 0
+    for group in refs:
+        for words in group:
+            total_words += len(words)
+            ngram_count.update(_ngram_counts(words, NIST_ORDER))
+
+    def info(ngram):
+        prefix = ngram[:-1]
+        # Perl tests the joined prefix for truth: "" and the single word "0" are false -> divide by total words.
+        if not prefix or prefix == ("0",):
+            return -math.log(ngram_count[ngram] / total_words) / math.log(2)
+        return -math.log(ngram_count[ngram] / ngram_count[prefix]) / math.log(2)
+
+    ref_length = 0          # sum of closest reference lengths
+    n_refs = 0              # non-empty references, summed over segments
+    ref_words = 0           # reference unigrams, summed
+    match = [0] * (NIST_ORDER + 1)
+    hyp_ngrams = [0] * (NIST_ORDER + 1)
+    hyp_info = [0.0] * (NIST_ORDER + 1)
+    for group, hyp in zip(refs, hyps, strict=True):
+        hyp_len = len(hyp)
+        for n in range(1, NIST_ORDER + 1):
+            hyp_ngrams[n] += max(hyp_len - n + 1, 0)
+        max_ref_counts = Counter()
+        for words in group:
+            max_ref_counts |= _ngram_counts(words, NIST_ORDER)
+            ref_words += len(words)
+            n_refs += bool(words)
+        # Closest reference length, ties to the shorter; empty references are skipped, except the first one,
+        # which seeds the Perl loop.
+        lengths = [len(group[0])] + [len(w) for w in group[1:] if w]
+        ref_length += min(lengths, key=lambda r: (abs(hyp_len - r), r))
+        for ngram, count in _ngram_counts(hyp, NIST_ORDER).items():
+            if ngram in max_ref_counts:
+                clipped = min(count, max_ref_counts[ngram])
+                match[len(ngram)] += clipped
+                hyp_info[len(ngram)] += info(ngram) * clipped
+
+    # BLEU with MTEval's smoothing: the k-th zero n-gram match count becomes 1/2^k.
+    brevity = math.exp(min(0.0, 1 - ref_length / hyp_ngrams[1])) if hyp_ngrams[1] > 0 else 0.0
+    log_precision, smooth = 0.0, 1
+    for n in range(1, BLEU_ORDER + 1):
+        if hyp_ngrams[n] == 0:
+            continue
+        if match[n] == 0:
+            smooth *= 2
+            log_precision += math.log(1 / (smooth * hyp_ngrams[n]))
+        else:
+            log_precision += math.log(match[n] / hyp_ngrams[n])
+    bleu = math.exp(log_precision / BLEU_ORDER) * brevity
+
+    # NIST: information-weighted matches, length penalty against the average reference length.
+    if ref_words == 0:
+        raise UsageError("every reference is empty after MTEval tokenisation; NIST is undefined")
+    avg_refs = n_refs / len(refs)
+    ratio = hyp_ngrams[1] / (ref_words / avg_refs)
+    beta = -math.log(0.5) / math.log(1.5) / math.log(1.5)
+    penalty = 1.0 if ratio >= 1 else 0.0 if ratio <= 0 else math.exp(-beta * math.log(ratio) * math.log(ratio))
+    nist = sum(hyp_info[n] / max(hyp_ngrams[n], 1) for n in range(1, NIST_ORDER + 1)) * penalty
+    return bleu, nist
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MS-COCO caption metrics (pycocoevalcap): PTB tokenisation, METEOR (Java), ROUGE_L and CIDEr (Python).
+
+def _require_pycocoevalcap():
+    try:
+        import pycocoevalcap.tokenizer.ptbtokenizer  # noqa: F401
+    except ImportError:
+        raise UsageError("pycocoevalcap is not installed; `pip install pycocoevalcap==1.2` (it ships the METEOR "
+                         "and PTB tokenizer jars)") from None
+
+
+def ptb_tokenize(sentences):
+    """pycocoevalcap's PTBTokenizer (Stanford CoreNLP 3.4.1, -preserveLines -lowerCase, punctuation dropped),
+    for all sentences in one JVM start."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+    jar = Path(ptbtokenizer.__file__).parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
+    with tempfile.TemporaryDirectory(prefix="e2e-ptb-") as tmp:
+        text_file = Path(tmp) / "sentences.txt"
+        text_file.write_bytes("\n".join(s.replace("\n", " ") for s in sentences).encode())
+        out = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                              "-lowerCase", str(text_file)], capture_output=True, check=True).stdout.decode()
+    lines = out.split("\n")
+    if len(lines) < len(sentences):
+        raise RuntimeError(f"PTB tokenizer returned {len(lines)} lines for {len(sentences)} sentences")
+    punctuation = set(ptbtokenizer.PUNCTUATIONS)
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in punctuation) for line in lines[:len(sentences)]]
+
+
+def rouge_and_cider(gts, res):
+    """ROUGE_L and CIDEr of pycocoevalcap on PTB-tokenised {instance: [refs]} / {instance: [prediction]}."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    return {"ROUGE_L": float(Rouge().compute_score(gts, res)[0]), "CIDEr": float(Cider().compute_score(gts, res)[0])}
+
+
+def compute_scores(references, predictions):
+    """All five E2E metrics for per-instance reference lists and one prediction per instance."""
+    if len(references) != len(predictions):
+        raise UsageError(f"{len(references)} reference groups but {len(predictions)} predictions; "
+                         "the files must describe the same instances in the same order")
+    if not references:
+        raise UsageError("nothing to score: no instances")
+    if shutil.which("java") is None:
+        raise UsageError(JAVA_MISSING)
+    _require_pycocoevalcap()
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()  # the JVM loads its paraphrase table while the rest below runs
+    ref_texts = [r for group in references for r in group]
+    tokenized = ptb_tokenize(ref_texts + list(predictions))
+    gts, res, pos = {}, {}, 0
+    for i, group in enumerate(references):
+        gts[f"inst-{i}"] = tokenized[pos:pos + len(group)]
+        pos += len(group)
+    for i in range(len(predictions)):
+        res[f"inst-{i}"] = [tokenized[len(ref_texts) + i]]
+
+    meteor_result = {}
+
+    def run_meteor():
+        try:
+            meteor_result["METEOR"] = float(meteor.compute_score(gts, res)[0])
+        except Exception as e:  # a dead JVM shows up as an empty line where a number should be
+            meteor_result["error"] = e
+
+    meteor_thread = threading.Thread(target=run_meteor)
+    meteor_thread.start()
+    bleu, nist = mteval_bleu_nist(references, predictions)
+    scores = {"BLEU": bleu, "NIST": nist, **rouge_and_cider(gts, res)}
+    meteor_thread.join()
+    if "error" in meteor_result:
+        meteor.meteor_p.kill()
+        stderr = meteor.meteor_p.stderr.read().decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"METEOR failed: {stderr[-1] if stderr else meteor_result['error']}")
+    scores["METEOR"] = meteor_result["METEOR"]
+    return {m: scores[m] for m in METRICS}
+
+
+def paper_style(scores):
+    """The LoRA paper's E2E table: BLEU, METEOR and ROUGE-L in percent, NIST and CIDEr as they are."""
+    return {"BLEU": round(100 * scores["BLEU"], 2), "NIST": round(scores["NIST"], 4),
+            "METEOR": round(100 * scores["METEOR"], 2), "ROUGE_L": round(100 * scores["ROUGE_L"], 2),
+            "CIDEr": round(scores["CIDEr"], 4)}
+
+
+def format_scores(scores):
+    official = "\n".join(f"{m}: {scores[m]:.4f}" for m in METRICS)
+    paper = paper_style(scores)
+    return (f"SCORES:\n==============\n{official}\n\n"
+            "LoRA-paper style: " + "  ".join(f"{m} {paper[m]}" for m in METRICS))
+
+
+def score_files(ref_file, pred_file, output_json=None):
+    for path in (ref_file, pred_file):
+        if not os.path.isfile(path):
+            raise UsageError(f"file not found: {path}")
+    references, predictions = read_references(ref_file), read_predictions(pred_file)
+    scores = compute_scores(references, predictions)
+    if output_json:
+        atomic_write_json(output_json, {**scores, "paper_style": paper_style(scores), "instances": len(predictions),
+                                        "ref_file": str(ref_file), "pred_file": str(pred_file)})
+    return scores
+
+
+@dataclass
+class EvalArguments:
+    ref_file: str = field(metadata={"help": "References: one per line, instances separated by a blank line."})
+    pred_file: str = field(metadata={"help": "Predictions: one line per instance, same order."})
+    output_json: Optional[str] = field(default=None, metadata={"help": "Also write the scores here (JSON)."})
+
+
+def main():
+    from transformers import HfArgumentParser
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses()
+    print(format_scores(score_files(args.ref_file, args.pred_file, args.output_json)))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,161 @@
+"""gpt2_ft.py and gpt2_beam.py on a tiny GPT-2 (random weights, real 50257-token vocabulary) and real E2E rows:
+training lowers the loss, --resume continues exactly, beam decoding is deterministic, ordered, deduplicated and
+gives the same file on one and on two processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gpt2_beam
+import gpt2_ft
+import peft_layers
+from conftest import DATA_DIR, REPO
+from e2e_data import group_references, load_e2e
+
+DEVSET = DATA_DIR / "e2e" / "original" / "devset.csv"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, gpt2_tokenizer):
+    """A saved tiny GPT-2 with its tokenizer, loadable by name like a real checkpoint folder."""
+    from transformers import GPT2LMHeadModel
+    from conftest import tiny_gpt2_config
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(path)
+    gpt2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each script run builds its own Accelerator, as a new process would."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+def run_script(module, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, args)])
+    module.main()
+
+
+def train(monkeypatch, tiny_dir, work_dir, *extra):
+    run_script(gpt2_ft, monkeypatch, "--train_data", DEVSET, "--valid_data", DEVSET, "--model_name_or_path", tiny_dir,
+               "--max_train_examples", 64, "--max_valid_examples", 16, "--train_batch_size", 8, "--lr", 5e-2,
+               "--warmup_step", 0, "--scheduler", "constant_with_warmup", "--max_epoch", 2, "--eval_interval", 1000,
+               "--save_interval", 4, "--work_dir", work_dir, *extra)
+
+
+def base_valid_loss(tiny_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    examples = gpt2_ft.encode(load_e2e(DEVSET), tokenizer, 512, limit=16)
+    batch = gpt2_ft.make_collate(tokenizer.eos_token_id)(examples)
+    with torch.no_grad():
+        loss, _ = gpt2_ft.completion_loss(model, batch, 0.0)
+    return loss.item()
+
+
+def test_training_lowers_loss_and_resume_continues_exactly(tmp_path, monkeypatch, tiny_dir, gpt2_tokenizer):
+    # Uninterrupted: 10 steps over 64 rows (8 batches an epoch, so it crosses an epoch boundary).
+    train(monkeypatch, tiny_dir, tmp_path / "full", "--max_step", 10)
+    results = json.loads((tmp_path / "full" / "train_results.json").read_text())
+    assert results["step"] == 10
+    assert results["valid_loss"] < base_valid_loss(tiny_dir, gpt2_tokenizer) - 0.05
+    assert results["trainable_params"] == 2 * 2 * (4 * 32 + 32 * 4)  # 2 layers x (q, v) x (A + B), r = 4
+
+    # Killed after step 6, then resumed: same adapter as the uninterrupted run, to the last bit.
+    train(monkeypatch, tiny_dir, tmp_path / "split", "--max_step", 6)
+    train(monkeypatch, tiny_dir, tmp_path / "split", "--max_step", 10, "--resume")
+    full = load_file(tmp_path / "full" / "final" / "adapter.safetensors")
+    resumed = load_file(tmp_path / "split" / "final" / "adapter.safetensors")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+    assert json.loads((tmp_path / "split" / "train_results.json").read_text())["step"] == 10
+    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == [
+        "checkpoint-10", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_dir, tmp_path_factory):
+    """A LoRA adapter with non-zero B, so that merging it changes what the model generates."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft_layers.apply_adapter(model, "lora", 4, 32)
+    torch.manual_seed(1)
+    for name, tensor in peft_layers.adapter_state_dict(model).items():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(tensor, std=0.5)
+    return peft_layers.save_adapter(model, tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.fixture(scope="module")
+def beam_data(tmp_path_factory):
+    """Rows of 6 real meaning representations, interleaved so that several MRs repeat."""
+    rows = load_e2e(DEVSET)
+    contexts, refs = group_references(rows)
+    picked = [{"context": c, "completion": r} for c in contexts[:6] for r in refs[c][:2]]
+    picked = picked[::2] + picked[1::2]  # A B C D E F A B C D E F
+    path = tmp_path_factory.mktemp("beam") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return path, contexts[:6]
+
+
+BEAM_FLAGS = ["--beam", 3, "--eval_len", 6, "--min_length", 4, "--no_repeat_ngram_size", 2]
+
+
+def test_beam_output_is_deduplicated_ordered_and_deterministic(tmp_path, monkeypatch, tiny_dir, adapter_dir, beam_data):
+    data, contexts = beam_data
+    common = ["--data", data, "--model_name_or_path", tiny_dir, "--init_checkpoint", adapter_dir, *BEAM_FLAGS]
+    run_script(gpt2_beam, monkeypatch, *common, "--batch_size", 4, "--work_dir", tmp_path / "a")
+    run_script(gpt2_beam, monkeypatch, *common, "--batch_size", 1, "--work_dir", tmp_path / "b")
+    run_script(gpt2_beam, monkeypatch, "--data", data, "--model_name_or_path", tiny_dir, *BEAM_FLAGS,
+               "--batch_size", 4, "--work_dir", tmp_path / "base")
+    out_a = (tmp_path / "a" / "predict.jsonl").read_text()
+    assert out_a == (tmp_path / "b" / "predict.jsonl").read_text()  # batching and padding change nothing
+    lines = [json.loads(line) for line in out_a.splitlines()]
+    assert [line["id"] for line in lines] == list(range(6))
+    assert [line["context"] for line in lines] == contexts  # each MR once, in order of first appearance
+    assert all(4 <= len(line["token_ids"]) <= 6 and line["text"] for line in lines)
+    base = [json.loads(line) for line in (tmp_path / "base" / "predict.jsonl").read_text().splitlines()]
+    assert [b["token_ids"] for b in base] != [line["token_ids"] for line in lines]  # the adapter was merged in
+
+
+def test_two_process_beam_gives_the_same_file(tmp_path, monkeypatch, tiny_dir, adapter_dir, beam_data):
+    data, _ = beam_data
+    common = ["--data", data, "--model_name_or_path", tiny_dir, "--init_checkpoint", adapter_dir, *BEAM_FLAGS,
+              "--batch_size", 2]
+    run_script(gpt2_beam, monkeypatch, *common, "--work_dir", tmp_path / "one")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    with socket.socket() as s:  # a free port for the two processes to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    cmd = [*launch, REPO / "gpt2_beam.py", *common, "--work_dir", tmp_path / "two"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "two" / "predict.jsonl").read_text() == (tmp_path / "one" / "predict.jsonl").read_text()
+
+
+def test_bad_input_is_one_clear_error(tmp_path, monkeypatch, tiny_dir, beam_data):
+    from common import UsageError
+    data, _ = beam_data
+    with pytest.raises(UsageError, match="--init_checkpoint .*missing does not exist"):
+        run_script(gpt2_beam, monkeypatch, "--data", data, "--model_name_or_path", tiny_dir,
+                   "--init_checkpoint", tmp_path / "missing", "--work_dir", tmp_path)
+    with pytest.raises(UsageError, match="cannot load a tokenizer from"):
+        run_script(gpt2_ft, monkeypatch, "--train_data", data, "--model_name_or_path", tmp_path / "no_model",
+                   "--work_dir", tmp_path)
+    with pytest.raises(UsageError, match="data file not found"):
+        run_script(gpt2_ft, monkeypatch, "--train_data", tmp_path / "none.jsonl", "--model_name_or_path", tiny_dir,
+                   "--work_dir", tmp_path)
+    assert not list(tmp_path.glob("*.jsonl")) and not list(tmp_path.glob("checkpoint-*"))
