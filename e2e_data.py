@@ -62,19 +62,24 @@ def read_lora_txt(path):
     return rows
 
 
-def read_jsonl(path):
-    rows = []
+def read_json_lines(path, required, what):
+    """Yield the JSON objects of a JSON-lines file; a bad line stops with `path:line: ...` naming `what` it expects."""
     for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "context" not in row:
-            raise UsageError(f"{path}:{line_no}: expected an object with `context` and `completion` fields")
-        rows.append({"context": row["context"], "completion": row.get("completion", "")})
-    return rows
+            raise UsageError(f"{path}:{line_no}: not valid JSON ({e.msg}); expected {what}") from None
+        if not isinstance(row, dict) or any(k not in row for k in required):
+            raise UsageError(f"{path}:{line_no}: needs {' and '.join(f'`{k}`' for k in required)} fields; "
+                             f"expected {what}")
+        yield row
+
+
+def read_jsonl(path):
+    return [{"context": row["context"], "completion": row.get("completion", "")}
+            for row in read_json_lines(path, ["context"], "objects with `context` and `completion` fields")]
 
 
 def load_e2e(path, mr_format="lora"):

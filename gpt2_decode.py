@@ -10,14 +10,13 @@ measure_scores.py. A prediction is cut at the end-of-text token and at its first
 --ref_type webnlg or dart, --output_ref_file is a folder of `reference0 ... reference{N-1}` files (one line per
 input, empty where an input has fewer references), as microsoft/LoRA writes them for the GEM/DART scorers.
 """
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from common import UsageError, atomic_write_text, run_main
-from e2e_data import group_references, load_e2e
+from e2e_data import group_references, load_e2e, read_json_lines
 
 END_OF_TEXT = "<|endoftext|>"
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
@@ -39,18 +38,7 @@ def read_samples(path):
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"sample file not found: {path}")
-    samples = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{line_no}: not valid JSON ({e.msg}); expected gpt2_beam.py output") from None
-        if "context" not in row or "text" not in row:
-            raise UsageError(f"{path}:{line_no}: needs `context` and `text` fields; expected gpt2_beam.py output")
-        samples[row["context"]] = row["text"]
-    return samples
+    return {row["context"]: row["text"] for row in read_json_lines(path, ["context", "text"], "gpt2_beam.py output")}
 
 
 def write_decode_files(input_file, sample_file, output_ref_file, output_pred_file, ref_type="e2e", ref_num=4,
