@@ -135,10 +135,13 @@ class _AdaptedLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_down, grad_up, None, grad_xdrop, None
 
 
-def _merged_path_is_cheaper(tokens, in_f, out_f, rank, needs_grad, half):
-    """Compare multiply-adds of the two exact paths (beyond the frozen matmul both pay)."""
+def _merged_path_is_cheaper(tokens, in_f, out_f, rank, needs_grad, half, diagonal=False):
+    """Compare multiply-adds of the two exact paths (beyond the frozen matmul both pay).
+
+    diagonal: only scaling vectors train (VeRA), so the factored backward needs no factor-sized gradients.
+    """
     if needs_grad:
-        factored = 3 * tokens * rank * (in_f + out_f)
+        factored = (2 if diagonal else 3) * tokens * rank * (in_f + out_f)
         merged = tokens * in_f * out_f + 3 * rank * in_f * out_f
     else:
         factored = tokens * rank * (in_f + out_f)
@@ -286,16 +289,30 @@ class AdapterLayer(nn.Module):
                 return F.linear(x, self._weight_out_in(), self.bias)
             self.unmerge()  # a step that needs adapter gradients must not run on merged weights
         weight, bias = self._weight_out_in(), self.bias
-        down, up = self.factors()
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x, weight, down, up = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, down, up))
+        x, weight = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight))
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         x_drop = self.dropout(x) if (self.dropout is not None and self.training) else None
         merged = x_drop is None and _merged_path_is_cheaper(
-            x.numel() // self.in_features, self.in_features, self.out_features, down.shape[0], needs_grad,
-            dtype not in (torch.float32, torch.float64))
+            x.numel() // self.in_features, self.in_features, self.out_features, self.width, needs_grad,
+            dtype not in (torch.float32, torch.float64), diagonal=self.method == "vera")
+        if self.method == "vera" and not merged:
+            # Few tokens: VeRA trains only two scaling vectors, so plain autograd over the thin (tokens x r)
+            # products is cheapest here (PEFT's formulation); their activations are small at this size.
+            A = self._bases.vera_A[:, : self.in_features].to(dtype)
+            B = self._bases.vera_B[: self.out_features].to(dtype)
+            h = F.linear(x if x_drop is None else x_drop, A) * self.vera_lambda_d.to(dtype)
+            return F.linear(x, weight, bias) + F.linear(h, B) * self.vera_lambda_b.to(dtype)
+        down, up = (t if t.dtype == dtype else t.to(dtype) for t in self.factors())
         return _AdaptedLinear.apply(x, weight, bias, down, up, self.scale, x_drop, merged)
+
+    @property
+    def width(self):
+        """R, the inner width of up @ down."""
+        if self.method == "lora":
+            return self.r * (sum(self.enable) if self.enable else 1)
+        return self.r if self.method == "vera" else self.r * self.n_bases
 
     def extra_repr(self):
         return (f"{self.method}: in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
