@@ -196,7 +196,9 @@ class AdapterLayer(nn.Module):
             raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
 
     def adapter_names(self):
-        return [n for n, _ in self.named_parameters(recurse=False) if n not in ("weight", "bias")]
+        if "_adapter_names" not in self.__dict__:  # fixed once the parameters exist; asked on every forward
+            self._adapter_names = tuple(n for n, _ in self.named_parameters(recurse=False) if n not in ("weight", "bias"))
+        return self._adapter_names
 
     def factors(self, params=None):
         """(down, up) with delta_W = scale * up @ down, from the current parameters or a snapshot of them."""
@@ -279,8 +281,8 @@ class AdapterLayer(nn.Module):
         return self
 
     def forward(self, x):
-        params = [p for p in self.parameters(recurse=False) if p is not self.weight and p is not self.bias]
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(getattr(self, n).requires_grad for n in self.adapter_names()))
         if self.merged:
             if not needs_grad:
                 if self._param_versions() != self._merged_versions:  # changed in place since merging
@@ -623,6 +625,23 @@ def _load_loralib(model, path):
 # ---- Hugging Face PEFT format
 
 _PEFT_TYPE = {"lora": "LORA", "vera": "VERA", "randlora": "RANDLORA"}
+
+
+def peft_config(method, rank, alpha=None, target_modules=None, dropout=0.0, seed=0, modules_to_save=None, **extra):
+    """The HF PEFT config equivalent to apply_adapter's arguments (same defaults), for side-by-side runs.
+
+    target_modules must be given (PEFT would pick its own defaults); extra keys go to the config (task_type...).
+    """
+    import peft
+    if method not in METHODS:
+        raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+    common = dict(r=rank, target_modules=list(target_modules), modules_to_save=modules_to_save, **extra)
+    if method == "lora":
+        return peft.LoraConfig(lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout, **common)
+    if method == "vera":
+        return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **common)
+    return peft.RandLoraConfig(randlora_alpha=640 if alpha is None else alpha, randlora_dropout=dropout,
+                               projection_prng_key=seed, save_projection=True, **common)
 
 
 def save_peft(model, path, base_model_name_or_path=None):

@@ -205,17 +205,9 @@ def add_peft_adapter(model, model_args, training_args, heads):
     import peft
 
     targets = model_args.target_modules or peft_layers.DEFAULT_TARGETS.get(model.config.model_type)
-    common = dict(task_type=peft.TaskType.SEQ_CLS, r=model_args.rank, target_modules=targets, modules_to_save=heads)
-    if model_args.adapter_name == "lora":
-        alpha = model_args.adapter_alpha if model_args.adapter_alpha is not None else model_args.rank
-        config = peft.LoraConfig(lora_alpha=alpha, lora_dropout=model_args.adapter_dropout, **common)
-    elif model_args.adapter_name == "vera":
-        config = peft.VeraConfig(vera_dropout=model_args.adapter_dropout, projection_prng_key=training_args.seed,
-                                 save_projection=True, d_initial=0.1, **common)
-    else:
-        alpha = model_args.adapter_alpha if model_args.adapter_alpha is not None else 640
-        config = peft.RandLoraConfig(randlora_alpha=alpha, randlora_dropout=model_args.adapter_dropout,
-                                     projection_prng_key=training_args.seed, save_projection=True, **common)
+    config = peft_layers.peft_config(model_args.adapter_name, model_args.rank, model_args.adapter_alpha, targets,
+                                     model_args.adapter_dropout, training_args.seed, heads,
+                                     task_type=peft.TaskType.SEQ_CLS)
     if model_args.lora_path:
         model = peft.PeftModel.from_pretrained(model, model_args.lora_path, is_trainable=True)
     else:

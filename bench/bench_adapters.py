@@ -50,11 +50,8 @@ def build(name, model_path, device):
         peft_layers.apply_adapter(model, method, rank, alpha, targets, modules_to_save=["classifier"])
     elif impl == "peft":
         import peft
-        cfg = {"lora": lambda: peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets),
-               "vera": lambda: peft.VeraConfig(r=rank, target_modules=targets),
-               "randlora": lambda: peft.RandLoraConfig(r=rank, randlora_alpha=alpha, target_modules=targets)}[method]()
-        cfg.modules_to_save = ["classifier"]
-        model = peft.get_peft_model(model, cfg)
+        model = peft.get_peft_model(model, peft_layers.peft_config(method, rank, alpha, targets,
+                                                                   modules_to_save=["classifier"]))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None

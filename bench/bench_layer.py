@@ -38,10 +38,7 @@ def build(impl, method, rank, alpha, width):
         peft_layers.apply_adapter(model, method, rank, alpha, ["q"])
     else:
         import peft
-        cfg = {"lora": lambda: peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q"]),
-               "vera": lambda: peft.VeraConfig(r=rank, target_modules=["q"]),
-               "randlora": lambda: peft.RandLoraConfig(r=rank, randlora_alpha=alpha, target_modules=["q"])}[method]()
-        model = peft.get_peft_model(model, cfg)
+        model = peft.get_peft_model(model, peft_layers.peft_config(method, rank, alpha, ["q"]))
     with torch.no_grad():  # a trained adapter: non-zero everywhere
         for p in model.parameters():
             if p.requires_grad:

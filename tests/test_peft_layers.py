@@ -181,20 +181,10 @@ def test_ours_to_peft_parity(tmp_path, method, rank, alpha):
     torch.testing.assert_close(logits(peft_model, x), expect, atol=1e-5, rtol=0)
 
 
-def _peft_config(method, rank, alpha, targets, **kw):
-    import peft
-    if method == "lora":
-        return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, **kw)
-    if method == "vera":
-        return peft.VeraConfig(r=rank, target_modules=targets, **kw)
-    return peft.RandLoraConfig(r=rank, randlora_alpha=alpha, target_modules=targets, **kw)
-
-
 @pytest.mark.parametrize("method,rank,alpha", SETTINGS)
 def test_peft_trained_adapter_loads_into_ours(tmp_path, method, rank, alpha):
     from peft import get_peft_model
-    peft_model = get_peft_model(bert(), _peft_config(method, rank, alpha, ["query", "value"],
-                                                     modules_to_save=["classifier"]))
+    peft_model = get_peft_model(bert(), pl.peft_config(method, rank, alpha, ["query", "value"], modules_to_save=["classifier"]))
     randomize_adapter(peft_model)
     x = ids(1000)
     expect = logits(peft_model.eval(), x)
@@ -206,7 +196,7 @@ def test_peft_trained_adapter_loads_into_ours(tmp_path, method, rank, alpha):
 @pytest.mark.parametrize("method,rank", [("vera", 8), ("randlora", 4)])
 def test_shared_projections_match_peft_for_the_same_seed(method, rank):
     from peft import get_peft_model
-    theirs = get_peft_model(bert(), _peft_config(method, rank, 16.0, ["query", "value"], projection_prng_key=11))
+    theirs = get_peft_model(bert(), pl.peft_config(method, rank, 16.0, ["query", "value"], seed=11))
     ours = pl.apply_adapter(bert(), method, rank, 16.0, seed=11)
     for name in (f"{method}_A", f"{method}_B"):
         peft_buf = getattr(theirs.base_model, name)["default"]
