@@ -10,7 +10,7 @@
 # Environment variables override the preset (space-separated lists):
 #   MODELS TASKS SEEDS (1..N)  ADAPTERS (method:rank:lr[:head_lr]; method = full|lora|vera|randlora|peft-<method>)
 #   EPOCHS BATCH MAX_SEQ_LENGTH RESULTS_DIR GLUE_DIR
-#   MAX_TRAIN_SAMPLES MAX_EVAL_SAMPLES (a number, and/or task=number items: "1000 rte=500")
+#   MAX_TRAIN_SAMPLES MAX_EVAL_SAMPLES (a number, and/or task=number items: "800 rte=300")
 #   NUM_PROCESSES (>1: accelerate launch --multi_gpu)  LAUNCHER (the whole launch command)  DEEPSPEED (config file)
 #   KEEP_CHECKPOINTS=1 (keep checkpoint-* after a finished run)
 # Arguments after the preset go to every run_glue.py call (e.g. --bf16, --report_to tensorboard).
@@ -63,7 +63,7 @@ run_args=()
 if [ -n "${DEEPSPEED:-}" ]; then run_args+=(--deepspeed "$DEEPSPEED"); fi
 if [ -n "${GLUE_DIR:-}" ]; then export GLUE_DIR; fi
 
-cap_for() {  # cap_for TASK "1000 rte=500" -> 500 for rte, 1000 for the others; empty: no cap
+cap_for() {  # cap_for TASK "800 rte=300" -> 300 for rte, 800 for the others; empty: no cap
   local default="" item
   for item in $2; do
     case "$item" in "$1"=*) echo "${item#*=}"; return ;; *=*) ;; *) default=$item ;; esac

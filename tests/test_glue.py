@@ -427,6 +427,15 @@ DIST_ARGS = ["--adapter_name", "lora", "--rank", 4, "--learning_rate", 5e-3, "--
              "--max_train_samples", 64, "--max_eval_samples", 32, "--seed", 1, "--do_train", "--do_eval"]
 
 
+def free_port():
+    """A port nobody listens on now: fixed ports collide with other jobs on a shared machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def launch(launcher, tiny_models, out, *extra, env_extra=None):
     """run_glue.py in 2 processes with half the per-device batch: the same global batch as one process."""
     args = common_args(tiny_models["bert_nodrop"], "mrpc", out, *DIST_ARGS, *extra)
@@ -446,14 +455,14 @@ def assert_same_run(results, one_process_run):
 
 def test_two_processes_give_the_metrics_of_one(tiny_models, one_process_run, tmp_path):
     launcher = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
-                "29611"]
+                free_port()]
     results = launch(launcher, tiny_models, tmp_path, env_extra={"ACCELERATE_USE_CPU": "1"})
     assert_same_run(results, one_process_run)
 
 
 def test_zero2_on_cpu_gives_the_metrics_of_one_process(tiny_models, one_process_run, tmp_path):
     launcher = [str(BIN / "accelerate"), "launch", "--use_deepspeed", "--num_processes", "2", "--main_process_port",
-                "29612"]
+                free_port()]
     results = launch(launcher, tiny_models, tmp_path, "--deepspeed", REPO / "ds_configs" / "zero2.json")
     assert list((tmp_path / "checkpoint-16").glob("global_step*")), "DeepSpeed did not run"
     assert_same_run(results, one_process_run)
@@ -466,7 +475,7 @@ def test_zero3_saves_the_gathered_adapter(tiny_models, one_process_run, tmp_path
     # Partition every parameter, however small (the tiny model's would otherwise all stay whole).
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3.json").write_text(json.dumps(config))
-    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29613"]
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port()]
     results = launch(launcher, tiny_models, tmp_path / "out", "--deepspeed", tmp_path / "zero3.json")
     assert list((tmp_path / "out" / "checkpoint-16").glob("global_step*")), "DeepSpeed did not run"
     assert_same_run(results, one_process_run)
