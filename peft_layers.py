@@ -363,6 +363,11 @@ def _set_child(model, name, new):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def default_alpha(method, rank):
+    """alpha when none is given: LoRA's scale 1 (alpha = rank), PEFT's RandLoRA default 640; VeRA has no scale."""
+    return {"lora": rank, "randlora": 640, "vera": 1}[method]
+
+
 def apply_adapter(model, method, rank, alpha=None, target_modules=None, dropout=0.0, seed=0, modules_to_save=None,
                   fused_qkv_lora=True):
     """Adapt `model` in place and freeze everything but the adapter and `modules_to_save`; returns the model.
@@ -389,7 +394,7 @@ def apply_adapter(model, method, rank, alpha=None, target_modules=None, dropout=
         raise AdapterError(f"no linear layer matches target_modules {targets}; this model's linear layers are "
                            f"named {linear}")
     if alpha is None:
-        alpha = {"lora": rank, "randlora": 640, "vera": 1}[method]
+        alpha = default_alpha(method, rank)
     shapes = [(m.weight.shape[::-1] if (Conv1D and isinstance(m, Conv1D)) else m.weight.shape) for _, m in found]
     bases = None
     if method in ("vera", "randlora"):
@@ -627,20 +632,22 @@ def _load_loralib(model, path):
 _PEFT_TYPE = {"lora": "LORA", "vera": "VERA", "randlora": "RANDLORA"}
 
 
-def peft_config(method, rank, alpha=None, target_modules=None, dropout=0.0, seed=0, modules_to_save=None, **extra):
+def peft_config(method, rank, alpha, target_modules, dropout=0.0, seed=0, modules_to_save=None, **extra):
     """The HF PEFT config equivalent to apply_adapter's arguments (same defaults), for side-by-side runs.
 
-    target_modules must be given (PEFT would pick its own defaults); extra keys go to the config (task_type...).
+    target_modules is required (PEFT would pick its own defaults); extra keys go to the config (task_type...).
     """
     import peft
     if method not in METHODS:
         raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
     common = dict(r=rank, target_modules=list(target_modules), modules_to_save=modules_to_save, **extra)
     if method == "lora":
-        return peft.LoraConfig(lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout, **common)
+        return peft.LoraConfig(lora_alpha=default_alpha(method, rank) if alpha is None else alpha, lora_dropout=dropout,
+                               **common)
     if method == "vera":
         return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **common)
-    return peft.RandLoraConfig(randlora_alpha=640 if alpha is None else alpha, randlora_dropout=dropout,
+    return peft.RandLoraConfig(randlora_alpha=default_alpha(method, rank) if alpha is None else alpha,
+                               randlora_dropout=dropout,
                                projection_prng_key=seed, save_projection=True, **common)
 
 
