@@ -12,12 +12,14 @@ penalty 0.8, a fixed number of generated tokens so that both do the same work), 
 score: wall and CPU time of `python e2e_eval.py` and of the official `python measure_scores.py` (a checkout of
 tuetschek/e2e-metrics, given by --official_dir; it needs perl and Java) on the E2E dev set (547 MRs, 4,672
 references), with the first reference of each MR as the "prediction" and the others as its references, and
-the largest difference between their five scores. Results go to bench/results/e2e_<what>.json.
+the largest difference between their five scores. Each scorer runs --repeats times, alternating which goes
+first; the times are medians. Results go to bench/results/e2e_<what>.json.
 """
 import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,8 @@ class BenchArguments:
     gen_tokens: int = field(default=32, metadata={"help": "decode: tokens generated per MR (min = max)"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     official_dir: Optional[str] = field(default=None, metadata={"help": "score: folder with measure_scores.py"})
+    repeats: int = field(default=3, metadata={"help": "score: runs of each scorer, alternating which goes first; "
+                                                      "medians are reported"})
     output_dir: str = field(default=str(REPO / "bench" / "results"))
 
 
@@ -126,10 +130,16 @@ def bench_score(args):
         ref_file.write_text("\n".join("".join(r + "\n" for r in refs[c][1:]) for c in contexts), encoding="utf-8")
         pred_file.write_text("".join(refs[c][0] + "\n" for c in contexts), encoding="utf-8")
         load_before = load_average()
-        official_out, official_wall, official_cpu = timed(
-            [sys.executable, "measure_scores.py", ref_file, pred_file], args.official_dir)
-        ours_out, ours_wall, ours_cpu = timed(
-            [sys.executable, REPO / "e2e_eval.py", "--ref_file", ref_file, "--pred_file", pred_file], REPO)
+        official_cmd = ([sys.executable, "measure_scores.py", ref_file, pred_file], args.official_dir)
+        ours_cmd = ([sys.executable, REPO / "e2e_eval.py", "--ref_file", ref_file, "--pred_file", pred_file], REPO)
+        runs = {"official": [], "ours": []}
+        for i in range(args.repeats):
+            order = ["official", "ours"] if i % 2 == 0 else ["ours", "official"]
+            for name in order:
+                runs[name].append(timed(*(official_cmd if name == "official" else ours_cmd)))
+    official_out, ours_out = runs["official"][0][0], runs["ours"][0][0]
+    official_wall, official_cpu = (statistics.median(r[k] for r in runs["official"]) for k in (1, 2))
+    ours_wall, ours_cpu = (statistics.median(r[k] for r in runs["ours"]) for k in (1, 2))
     official, ours = parse_scores(official_out), parse_scores(ours_out)
     if set(official) != set(ours) or len(ours) != 5:
         raise RuntimeError(f"could not read the five scores: official {official}, ours {ours}")
@@ -139,6 +149,8 @@ def bench_score(args):
         "max_abs_difference": max(abs(official[m] - ours[m]) for m in ours),
         "official_wall_s": official_wall, "official_cpu_s": official_cpu,
         "e2e_eval_wall_s": ours_wall, "e2e_eval_cpu_s": ours_cpu,
+        "repeats": args.repeats, "official_wall_s_each": [r[1] for r in runs["official"]],
+        "e2e_eval_wall_s_each": [r[1] for r in runs["ours"]],
         "wall_ratio": round(ours_wall / official_wall, 3), "cpu_ratio": round(ours_cpu / official_cpu, 3),
         "load_average_1min": [round(load_before, 2), round(load_average(), 2)],
     }

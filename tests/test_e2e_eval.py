@@ -2,6 +2,7 @@
 E2E scorer (tuetschek/e2e-metrics measure_scores.py with its Perl MTEval), plus the file formats and errors."""
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -121,10 +122,22 @@ def test_bad_input_is_one_clear_error(tmp_path, monkeypatch):
 def test_all_metrics_match_official_scorer(tmp_path):
     ref_file, pred_file = write_pair(tmp_path, TRICKY_REFS, TRICKY_PREDS)
     out = tmp_path / "scores.json"
+    priority = os.getpriority(os.PRIO_PROCESS, 0)
     scores = e2e_eval.score_files(ref_file, pred_file, out)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == priority  # only the helper thread yields the CPU to METEOR
     for metric, official in OFFICIAL_TRICKY.items():
         assert scores[metric] == pytest.approx(official, abs=1e-4), metric
     saved = json.loads(out.read_text())
     assert saved["paper_style"]["BLEU"] == pytest.approx(53.40, abs=0.01)
     assert saved["paper_style"]["CIDEr"] == pytest.approx(2.2498, abs=1e-4)
     assert saved["instances"] == 4
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+def test_dead_meteor_jvm_is_one_clear_error():
+    meteor = e2e_eval.MeteorProcess()
+    meteor.proc.kill()
+    meteor.proc.wait()
+    with pytest.raises(RuntimeError, match="METEOR failed"):
+        meteor.score({"a": ["the eagle is a pub"]}, {"a": ["the eagle is a cafe"]})
+    meteor.close()
