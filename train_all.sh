@@ -43,6 +43,8 @@ case "$preset" in
     : "${ADAPTERS:=full:0:1e-4 lora:8:2e-3:5e-3 peft-lora:8:2e-3:5e-3 vera:256:2e-2:5e-3 randlora:32:3e-4:5e-3}"
     : "${EPOCHS:=3}" "${BATCH:=16}" "${MAX_SEQ_LENGTH:=128}" "${MAX_TRAIN_SAMPLES:=}" "${MAX_EVAL_SAMPLES:=}"
     : "${RESULTS_DIR:=finetuned_results/quality}"
+    # This machine's local GLUE copy when there is one (as in the demo); otherwise GLUE_DIR, else the Hub.
+    if [ -z "${GLUE_DIR:-}" ] && [ -d ../shared/data/glue ]; then GLUE_DIR=../shared/data/glue; fi
     EXTRA=(--train_sampling_strategy group_by_length --per_device_eval_batch_size 64 --warmup_steps 0.06) ;;
   paper)
     # RandLoRA's GLUE grid (LoRA r4, VeRA r256 lr 1e-2, RandLoRA r64 base / r100 large lr 1e-4; 10 epochs, batch 64).
