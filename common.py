@@ -39,11 +39,15 @@ def atomic_write_json(path, obj, indent=2):
 
 
 def run_main(main):
-    """Run a script's main(); a UsageError becomes `error: <message>` on stderr and exit code 2."""
-    from peft_layers import AdapterError  # an adapter that does not fit is a user error too
-
+    """Run a script's main(); a UsageError, or peft_layers' AdapterError (an adapter that does not fit is a user
+    error too), becomes `error: <message>` on stderr and exit code 2."""
     try:
         return main()
-    except (UsageError, AdapterError) as e:
+    except Exception as e:
+        # Only a script that loaded peft_layers can raise AdapterError; importing it here would add torch's start-up
+        # time to scripts that never use it (e2e_eval.py, parse_results.py).
+        peft_layers = sys.modules.get("peft_layers")
+        if not isinstance(e, UsageError) and not (peft_layers and isinstance(e, peft_layers.AdapterError)):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
