@@ -271,14 +271,13 @@ def _yield_cpu_to_meteor():
 
 def compute_scores(references, predictions, meteor=None):
     """All five E2E metrics for per-instance reference lists and one prediction per instance. `meteor`: a
-    MeteorProcess started earlier (it is closed here); by default one is started now."""
-    try:
-        if len(references) != len(predictions):
-            raise UsageError(f"{len(references)} reference groups but {len(predictions)} predictions; "
-                             "the files must describe the same instances in the same order")
-        if not references:
-            raise UsageError("nothing to score: no instances")
-        meteor = meteor or MeteorProcess()
+    MeteorProcess the caller started earlier (and closes); by default one is started and closed here."""
+    if len(references) != len(predictions):
+        raise UsageError(f"{len(references)} reference groups but {len(predictions)} predictions; "
+                         "the files must describe the same instances in the same order")
+    if not references:
+        raise UsageError("nothing to score: no instances")
+    with contextlib.nullcontext(meteor) if meteor else MeteorProcess() as meteor:
         ref_texts = [r for group in references for r in group]
         tokenized = ptb_tokenize(ref_texts + list(predictions))  # needs a JVM of its own, but only for 0.5 s
         gts, res, pos = {}, {}, 0
@@ -305,12 +304,9 @@ def compute_scores(references, predictions, meteor=None):
             meteor_score = meteor.score(gts, res)
         finally:
             worker.join()
-        if "error" in python_scores:
-            raise python_scores["error"]
-        return {m: meteor_score if m == "METEOR" else python_scores[m] for m in METRICS}
-    finally:
-        if meteor is not None:
-            meteor.close()
+    if "error" in python_scores:
+        raise python_scores["error"]
+    return {m: meteor_score if m == "METEOR" else python_scores[m] for m in METRICS}
 
 
 def paper_style(scores):
@@ -328,15 +324,10 @@ def format_scores(scores):
 
 
 def score_files(ref_file, pred_file, output_json=None, meteor=None):
-    try:
-        for path in (ref_file, pred_file):
-            if not os.path.isfile(path):
-                raise UsageError(f"file not found: {path}")
-        references, predictions = read_references(ref_file), read_predictions(pred_file)
-    except BaseException:
-        if meteor is not None:
-            meteor.close()
-        raise
+    for path in (ref_file, pred_file):
+        if not os.path.isfile(path):
+            raise UsageError(f"file not found: {path}")
+    references, predictions = read_references(ref_file), read_predictions(pred_file)
     scores = compute_scores(references, predictions, meteor)
     if output_json:
         atomic_write_json(output_json, {**scores, "paper_style": paper_style(scores), "instances": len(predictions),
