@@ -6,9 +6,10 @@ The numbers are those of the challenge's official scorer (tuetschek/e2e-metrics,
     non-empty references. Re-implemented here in Python (no Perl), same arithmetic.
   - METEOR 1.5, ROUGE_L and CIDEr through pycocoevalcap (the same Java PTB tokenizer and METEOR jar, the same
     Python ROUGE_L/CIDEr code the official scorer vendors).
-It takes at most half the official scorer's time here (0.40-0.50, bench/bench_e2e.py). METEOR's JVM (about 6 s and 10 CPU-s to load its paraphrase
-table) is the critical path: it starts first, gets its requests in one write, and the Python metrics run beside it
-in a low-priority thread; the Perl MTEval pass is replaced by a short Python one.
+It takes at most half the official scorer's time here (0.40-0.50, bench/bench_e2e.py). METEOR's JVM (about 6 s
+and 10 CPU-s to load its paraphrase table) is the critical path: it starts first, gets its requests in one write,
+and the Python metrics run beside it in a low-priority thread; the Perl MTEval pass is replaced by a short Python
+one.
 
 Input: a reference file (references of one instance on consecutive lines, instances separated by one blank
 line; a file without blank lines holds one reference per instance) and a prediction file (one line per
