@@ -15,11 +15,16 @@ load the model, add the adapter -> train with the loss on completion tokens only
 validation loss and perplexity every --eval_interval steps and at the end -> adapter-only checkpoints
 (work_dir/checkpoint-STEP, with optimizer, scheduler and RNG state for --resume) every --save_interval steps and
 at the end; the final adapter also goes to work_dir/final for gpt2_beam.py --init_checkpoint.
+train_results.json also records the training throughput (non-padding tokens per second, all processes, validation
+and checkpoints not counted) and the peak memory while training (GPU: the largest allocation peak of any process;
+CPU: peak RSS).
 """
 import logging
 import math
 import os
 import re
+import resource
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -143,6 +148,34 @@ def evaluate(model, loader, accelerator):
     return {"valid_loss": avg, "valid_ppl": math.exp(min(avg, 50))}
 
 
+def synchronize():
+    """Wait for queued GPU work, so that wall-clock times include it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory():
+    """Start counting peak memory afresh, so that it measures training rather than model loading."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: "5" resets the peak resident set size (VmHWM, which getrusage's ru_maxrss reads)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # elsewhere the peak includes loading
+
+
+def peak_memory_gib(accelerator):
+    """Peak memory of the busiest process since reset_peak_memory(): CUDA's allocation peak on a GPU, else the
+    peak resident set size."""
+    if torch.cuda.is_available():
+        peak, kind = torch.cuda.max_memory_allocated(accelerator.device), "cuda_max_memory_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"  # KiB on Linux
+    peak = accelerator.gather(torch.tensor([peak], dtype=torch.float64, device=accelerator.device)).max().item()
+    return round(peak / 2**30, 3), kind
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: adapter (or full weights) as safetensors, small training state through torch.save and
 # torch.load(weights_only=True).
@@ -259,25 +292,40 @@ def main():
         accelerator.init_trackers("gpt2_ft", {k: v for k, v in asdict(args).items() if v is not None
                                               and not isinstance(v, list)})
 
+    # Throughput counts the training steps only: validation and checkpoints add their time to `excluded_s`.
+    excluded_s = 0.0
+
     def checkpoint():
+        nonlocal excluded_s
+        synchronize()
+        start = time.perf_counter()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "epoch": epoch, "batches_done": batches_done, "history": history}
             save_checkpoint(work_dir / f"checkpoint-{step}", accelerator.unwrap_model(model), full_optimizer,
                             scheduler, state, adapter)
         accelerator.wait_for_everyone()
+        excluded_s += time.perf_counter() - start
 
     def validate():
+        nonlocal excluded_s
         if valid_loader is None:
             return
+        synchronize()
+        start = time.perf_counter()
         metrics = evaluate(model, valid_loader, accelerator)
         history.append({"step": step, **metrics})
         logger.info("step %d: valid loss %.4f, ppl %.2f", step, metrics["valid_loss"], metrics["valid_ppl"])
         accelerator.log(metrics, step=step)
+        excluded_s += time.perf_counter() - start
 
     # ---- train
     progress = tqdm(total=max_step, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     running, running_n = 0.0, 0
+    train_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    synchronize()
+    reset_peak_memory()
+    train_start = time.perf_counter()
     while step < max_step and epoch < args.max_epoch:
         train_loader.set_epoch(epoch)  # same shuffle per epoch on every run, so --resume sees the same order
         loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
@@ -291,6 +339,7 @@ def main():
                 scheduler.step()
                 optimizer.zero_grad()
             batches_done += 1
+            train_tokens += batch["attention_mask"].sum()
             running, running_n = running + loss.item(), running_n + 1
             if not accelerator.sync_gradients:
                 continue
@@ -309,7 +358,15 @@ def main():
                 break
         else:
             epoch, batches_done = epoch + 1, 0
+    synchronize()
+    train_s = time.perf_counter() - train_start - excluded_s
     progress.close()
+    train_tokens = accelerator.reduce(train_tokens, "sum").item()
+    throughput = {"train_tokens": train_tokens, "train_seconds": round(train_s, 3),
+                  "tokens_per_second": round(train_tokens / train_s, 1) if train_s > 0 else None}
+    throughput["peak_memory_gib"], throughput["peak_memory_kind"] = peak_memory_gib(accelerator)
+    logger.info("trained %d tokens in %.1f s (%s tokens/s); peak memory %.2f GiB (%s)", train_tokens, train_s,
+                throughput["tokens_per_second"], throughput["peak_memory_gib"], throughput["peak_memory_kind"])
 
     # ---- end: validate, checkpoint, final adapter
     validate()
@@ -320,7 +377,8 @@ def main():
         peft_layers.save_adapter(unwrapped, final) if adapter else unwrapped.save_pretrained(final)
         atomic_write_json(work_dir / "train_results.json", {
             "step": step, "epoch": epoch, "trainable_params": trainable, "total_params": total,
-            "final": str(final), **(history[-1] if history else {}), "history": history, "args": asdict(args)})
+            "final": str(final), **throughput, **(history[-1] if history else {}), "history": history,
+            "args": asdict(args)})
         logger.info("done: %d steps; adapter in %s", step, final)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,7 +1,10 @@
-"""E2E benchmarks: gpt2_beam.py decoding throughput, and e2e_eval.py against the official E2E scorer.
+"""E2E benchmarks: gpt2_beam.py decoding throughput, e2e_eval.py against the official E2E scorer, and gpt2_ft.py's
+training throughput and peak memory with LoRA against full fine-tuning.
 
     python bench/bench_e2e.py --what decode --num_mrs 32          # CPU, GPT-2-small-shaped random model
     python bench/bench_e2e.py --what score --official_dir /tmp/e2e-metrics
+    python bench/bench_e2e.py --what train                        # GPU: one epoch of E2E, GPT-2-medium shape
+    python bench/bench_e2e.py --what train --train_steps 10       # CPU: 10 steps
 
 decode: MRs per second of gpt2_beam.decode_contexts (batched, left-padded beam search with KV cache) against a
 plain loop that calls `generate` on one MR at a time (on the first --plain_mrs of them, as it is slow), both
@@ -13,11 +16,21 @@ score: wall and CPU time of `python e2e_eval.py` and of the official `python mea
 tuetschek/e2e-metrics, given by --official_dir; it needs perl and Java) on the E2E dev set (547 MRs, 4,672
 references), with the first reference of each MR as the "prediction" and the others as its references, and
 the largest difference between their five scores. Each scorer runs --repeats times, alternating which goes
-first; the times are medians. Results go to bench/results/e2e_<what>.json.
+first; the times are medians.
+
+train: gpt2_ft.py with its E2E recipe (LoRA r=4 on the q and v slices, batch 8) and with `--adapter_name none`
+(full fine-tuning, same data and settings) on a random model of GPT-2 medium's shape (n_embd 1024, 24 layers,
+real vocabulary; --shape small for GPT-2 small), each in its own process, over one epoch of the E2E training set
+(or its first --train_steps batches). It reports each run's training tokens per second and peak memory (GPU:
+CUDA's allocation peak; CPU: peak RSS), as gpt2_ft.py writes them to train_results.json, and LoRA's ratios to
+full fine-tuning. On a GPU both runs use --bf16, as docs/e2e.md recommends.
+
+Results go to bench/results/e2e_<what>.json.
 """
 import json
 import os
 import re
+import shutil
 import resource
 import statistics
 import subprocess
@@ -36,7 +49,8 @@ from common import DATA_DIR, UsageError, atomic_write_json, run_main  # noqa: E4
 
 @dataclass
 class BenchArguments:
-    what: str = field(default="decode", metadata={"choices": ["decode", "score", "both"]})
+    what: str = field(default="decode", metadata={"choices": ["decode", "score", "train", "both"],
+                                                  "help": "both = decode and score"})
     num_mrs: int = field(default=32, metadata={"help": "decode: distinct MRs of the E2E test set for gpt2_beam"})
     plain_mrs: int = field(default=8, metadata={"help": "decode: how many of them the (slow) plain loop decodes"})
     beam: int = field(default=10)
@@ -46,6 +60,9 @@ class BenchArguments:
     official_dir: Optional[str] = field(default=None, metadata={"help": "score: folder with measure_scores.py"})
     repeats: int = field(default=3, metadata={"help": "score: runs of each scorer, alternating which goes first; "
                                                       "medians are reported"})
+    shape: str = field(default="medium", metadata={"help": "train: GPT-2 shape", "choices": ["small", "medium"]})
+    train_steps: Optional[int] = field(default=None, metadata={
+        "help": "train: optimizer steps per run (default: one epoch of the E2E training set, 5,258 steps)"})
     output_dir: str = field(default=str(REPO / "bench" / "results"))
 
 
@@ -156,11 +173,57 @@ def bench_score(args):
     }
 
 
+GPT2_SHAPES = {"small": dict(n_embd=768, n_layer=12, n_head=12), "medium": dict(n_embd=1024, n_layer=24, n_head=16)}
+
+
+def bench_train(args):
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    cuda = torch.cuda.is_available()
+    runs = {"lora_r4": [], "full": ["--adapter_name", "none"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **GPT2_SHAPES[args.shape])).save_pretrained(
+            model_dir)
+        AutoTokenizer.from_pretrained(DATA_DIR / "gpt2_vocab").save_pretrained(model_dir)
+        common = [sys.executable, REPO / "gpt2_ft.py", "--train_data", DATA_DIR / "e2e" / "original" / "trainset.csv",
+                  "--model_name_or_path", model_dir, "--max_epoch", 1, "--log_interval", 10,
+                  "--eval_interval", 10**9, "--save_interval", 10**9, *(["--bf16"] if cuda else [])]
+        if args.train_steps:  # the first batches of a shuffled epoch: tokenise only the rows they can draw from
+            common += ["--max_step", args.train_steps, "--max_train_examples", 8 * args.train_steps]
+        results = {}
+        for name, extra in runs.items():
+            work_dir = Path(tmp) / name
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            proc = subprocess.run([str(c) for c in common + ["--work_dir", work_dir, *extra]], cwd=REPO, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"gpt2_ft.py ({name}) failed:\n{proc.stderr[-2000:]}")
+            out = json.loads((work_dir / "train_results.json").read_text())
+            results[name] = {k: out[k] for k in ("step", "trainable_params", "total_params", "train_tokens",
+                                                 "train_seconds", "tokens_per_second", "peak_memory_gib",
+                                                 "peak_memory_kind")}
+            shutil.rmtree(work_dir)  # full fine-tuning leaves GiBs of checkpoints
+            print(f"{name}: {json.dumps(results[name])}", file=sys.stderr)
+    lora, full = results["lora_r4"], results["full"]
+    return {
+        "model": f"random GPT-2 {args.shape} shape ({GPT2_SHAPES[args.shape]}, vocab 50257)",
+        "device": torch.cuda.get_device_name() if cuda else f"cpu, {args.threads} threads",
+        "precision": "bf16" if cuda else "fp32", "data": "E2E trainset.csv, batch 8, one epoch" +
+        (f", first {args.train_steps} steps" if args.train_steps else ""),
+        **results,
+        "lora_over_full_tokens_per_second": round(lora["tokens_per_second"] / full["tokens_per_second"], 3),
+        "lora_over_full_peak_memory": round(lora["peak_memory_gib"] / full["peak_memory_gib"], 3),
+    }
+
+
 def main():
     from transformers import HfArgumentParser
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
-    for what, bench in (("decode", bench_decode), ("score", bench_score)):
-        if args.what in (what, "both"):
+    for what, bench in (("decode", bench_decode), ("score", bench_score), ("train", bench_train)):
+        if args.what == what or (args.what == "both" and what != "train"):
             result = bench(args)
             atomic_write_json(Path(args.output_dir) / f"e2e_{what}.json", result)
             print(json.dumps(result, indent=2))

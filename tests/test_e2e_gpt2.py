@@ -1,6 +1,6 @@
 """gpt2_ft.py and gpt2_beam.py on a tiny GPT-2 (random weights, real 50257-token vocabulary) and real E2E rows:
-training lowers the loss, --resume continues exactly, beam decoding is deterministic, ordered, deduplicated and
-gives the same file on one and on two processes."""
+training lowers the loss, --resume continues exactly, full fine-tuning counts every trained token, beam decoding
+is deterministic, ordered, deduplicated and gives the same file on one and on two processes."""
 import json
 import os
 import socket
@@ -82,6 +82,19 @@ def test_training_lowers_loss_and_resume_continues_exactly(tmp_path, monkeypatch
     assert json.loads((tmp_path / "split" / "train_results.json").read_text())["step"] == 10
     assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == [
         "checkpoint-10", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+
+
+def test_full_fine_tuning_reports_tokens_and_memory(tmp_path, monkeypatch, tiny_dir, gpt2_tokenizer):
+    # One epoch over 64 rows: every non-padding token of every row is trained on exactly once.
+    train(monkeypatch, tiny_dir, tmp_path, "--adapter_name", "none", "--max_epoch", 1, "--lr", 1e-3)
+    results = json.loads((tmp_path / "train_results.json").read_text())
+    examples = gpt2_ft.encode(load_e2e(DEVSET), gpt2_tokenizer, 512, limit=64)
+    assert results["step"] == 8 and results["trainable_params"] == results["total_params"]
+    assert results["train_tokens"] == sum(len(e["input_ids"]) for e in examples)
+    assert results["tokens_per_second"] == pytest.approx(results["train_tokens"] / results["train_seconds"], rel=1e-3)
+    assert results["peak_memory_kind"] == "cpu_peak_rss" and results["peak_memory_gib"] > 0.1
+    assert results["valid_loss"] < base_valid_loss(tiny_dir, gpt2_tokenizer)
+    assert (tmp_path / "final" / "model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
