@@ -19,6 +19,7 @@ train_results.json also records the training throughput (non-padding tokens per 
 and checkpoints not counted) and the peak memory while training (GPU: the largest allocation peak of any process;
 CPU: peak RSS).
 """
+import contextlib
 import logging
 import math
 import os
@@ -152,6 +153,26 @@ def synchronize():
     """Wait for queued GPU work, so that wall-clock times include it."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+class TrainTimer:
+    """Wall time of the training steps alone: whatever runs inside `paused()` (validation, checkpoints) is left out."""
+
+    def __init__(self):
+        self.paused_s = 0.0
+        synchronize()
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        synchronize()
+        start = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - start
+
+    def seconds(self):
+        synchronize()
+        return time.perf_counter() - self.start - self.paused_s
 
 
 def reset_peak_memory():
@@ -292,40 +313,31 @@ def main():
         accelerator.init_trackers("gpt2_ft", {k: v for k, v in asdict(args).items() if v is not None
                                               and not isinstance(v, list)})
 
-    # Throughput counts the training steps only: validation and checkpoints add their time to `excluded_s`.
-    excluded_s = 0.0
-
+    # Both run while the training timer (started before the loop) is paused.
     def checkpoint():
-        nonlocal excluded_s
-        synchronize()
-        start = time.perf_counter()
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"step": step, "epoch": epoch, "batches_done": batches_done, "history": history}
-            save_checkpoint(work_dir / f"checkpoint-{step}", accelerator.unwrap_model(model), full_optimizer,
-                            scheduler, state, adapter)
-        accelerator.wait_for_everyone()
-        excluded_s += time.perf_counter() - start
+        with timer.paused():
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"step": step, "epoch": epoch, "batches_done": batches_done, "history": history}
+                save_checkpoint(work_dir / f"checkpoint-{step}", accelerator.unwrap_model(model), full_optimizer,
+                                scheduler, state, adapter)
+            accelerator.wait_for_everyone()
 
     def validate():
-        nonlocal excluded_s
         if valid_loader is None:
             return
-        synchronize()
-        start = time.perf_counter()
-        metrics = evaluate(model, valid_loader, accelerator)
-        history.append({"step": step, **metrics})
-        logger.info("step %d: valid loss %.4f, ppl %.2f", step, metrics["valid_loss"], metrics["valid_ppl"])
-        accelerator.log(metrics, step=step)
-        excluded_s += time.perf_counter() - start
+        with timer.paused():
+            metrics = evaluate(model, valid_loader, accelerator)
+            history.append({"step": step, **metrics})
+            logger.info("step %d: valid loss %.4f, ppl %.2f", step, metrics["valid_loss"], metrics["valid_ppl"])
+            accelerator.log(metrics, step=step)
 
     # ---- train
     progress = tqdm(total=max_step, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     running, running_n = 0.0, 0
     train_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    synchronize()
     reset_peak_memory()
-    train_start = time.perf_counter()
+    timer = TrainTimer()
     while step < max_step and epoch < args.max_epoch:
         train_loader.set_epoch(epoch)  # same shuffle per epoch on every run, so --resume sees the same order
         loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
@@ -358,8 +370,7 @@ def main():
                 break
         else:
             epoch, batches_done = epoch + 1, 0
-    synchronize()
-    train_s = time.perf_counter() - train_start - excluded_s
+    train_s = timer.seconds()
     progress.close()
     train_tokens = accelerator.reduce(train_tokens, "sum").item()
     throughput = {"train_tokens": train_tokens, "train_seconds": round(train_s, 3),

@@ -30,8 +30,8 @@ Results go to bench/results/e2e_<what>.json.
 import json
 import os
 import re
-import shutil
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -193,10 +193,10 @@ def bench_train(args):
                   "--eval_interval", 10**9, "--save_interval", 10**9, *(["--bf16"] if cuda else [])]
         if args.train_steps:  # the first batches of a shuffled epoch: tokenise only the rows they can draw from
             common += ["--max_step", args.train_steps, "--max_train_examples", 8 * args.train_steps]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         results = {}
         for name, extra in runs.items():
             work_dir = Path(tmp) / name
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run([str(c) for c in common + ["--work_dir", work_dir, *extra]], cwd=REPO, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0:
