@@ -3,6 +3,7 @@
 Nothing here touches the network: every model is built from a config, every tokenizer loads from a local folder.
 """
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from common import DATA_DIR  # noqa: E402
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", DATA_DIR / "glue"))
 GPT2_VOCAB_DIR = DATA_DIR / "gpt2_vocab"
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def free_port():
+    """A port nobody listens on now, for multi-process tests: fixed ports collide with other jobs on a machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def tiny_bert_config(num_labels=2, **kw):

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,7 @@ import peft_layers
 import run_distributed_eval as rde
 from bench.bench_distributed_eval import save_random_bart
 from common import run_main
-from conftest import DATA_DIR
+from conftest import DATA_DIR, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WMT_DIR = DATA_DIR / "seq2seq" / "wmt_en_ro"
@@ -277,12 +276,6 @@ def test_adapter_is_loaded_and_merged(monkeypatch, tmp_path, bart_dir, expected,
     assert generations != expected[:4]  # the adapter was really used
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Plays rank 1: joins the process group and the run-id broadcast like the real script, then dies without writing.
 DYING_RANK = textwrap.dedent("""
     import os, torch.distributed as dist
@@ -294,7 +287,7 @@ DYING_RANK = textwrap.dedent("""
 
 def test_dead_rank_fails_within_timeout_naming_it(tmp_path, bart_dir, expected, mixed_data_dir):
     seed_stale_run(tmp_path, N_OBS)  # a complete earlier run: must not fill the gap
-    launch = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    launch = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     # The dying peer starts first, so rank 0 (with its 4 s timeout also on start-up) never waits for it to import.
     rank1 = subprocess.Popen([sys.executable, "-c", DYING_RANK], env=subprocess_env(RANK="1", LOCAL_RANK="1", **launch))
     started = time.monotonic()

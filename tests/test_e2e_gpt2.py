@@ -3,7 +3,6 @@ training lowers the loss, --resume continues exactly, full fine-tuning counts ev
 is deterministic, ordered, deduplicated and gives the same file on one and on two processes."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 import gpt2_beam
 import gpt2_ft
 import peft_layers
-from conftest import DATA_DIR, REPO
+from conftest import DATA_DIR, REPO, free_port
 from e2e_data import group_references, load_e2e
 
 DEVSET = DATA_DIR / "e2e" / "original" / "devset.csv"
@@ -148,11 +147,9 @@ def test_two_process_beam_gives_the_same_file(tmp_path, monkeypatch, tiny_dir, a
               "--batch_size", 2]
     run_script(gpt2_beam, monkeypatch, *common, "--work_dir", tmp_path / "one")
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    with socket.socket() as s:  # a free port for the two processes to meet on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", free_port()]
     cmd = [*launch, REPO / "gpt2_beam.py", *common, "--work_dir", tmp_path / "two"]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,7 +12,7 @@ import torch
 
 import glue_data
 from common import UsageError, run_main
-from conftest import GLUE_DIR, REPO, tiny_bert_config, tiny_roberta_config
+from conftest import GLUE_DIR, REPO, free_port, tiny_bert_config, tiny_roberta_config
 
 PY = sys.executable
 BIN = Path(sys.executable).parent
@@ -425,15 +425,6 @@ def one_process_run(tiny_models, tmp_path_factory):
 
 DIST_ARGS = ["--adapter_name", "lora", "--rank", 4, "--learning_rate", 5e-3, "--num_train_epochs", 2,
              "--max_train_samples", 64, "--max_eval_samples", 32, "--seed", 1, "--do_train", "--do_eval"]
-
-
-def free_port():
-    """A port nobody listens on now: fixed ports collide with other jobs on a shared machine."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def launch(launcher, tiny_models, out, *extra, env_extra=None):

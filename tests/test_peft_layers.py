@@ -184,7 +184,8 @@ def test_ours_to_peft_parity(tmp_path, method, rank, alpha):
 @pytest.mark.parametrize("method,rank,alpha", SETTINGS)
 def test_peft_trained_adapter_loads_into_ours(tmp_path, method, rank, alpha):
     from peft import get_peft_model
-    peft_model = get_peft_model(bert(), pl.peft_config(method, rank, alpha, ["query", "value"], modules_to_save=["classifier"]))
+    peft_model = get_peft_model(bert(), pl.peft_config(method, rank, alpha, ["query", "value"],
+                                                       modules_to_save=["classifier"]))
     randomize_adapter(peft_model)
     x = ids(1000)
     expect = logits(peft_model.eval(), x)
