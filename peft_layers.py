@@ -641,14 +641,13 @@ def peft_config(method, rank, alpha, target_modules, dropout=0.0, seed=0, module
     if method not in METHODS:
         raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
     common = dict(r=rank, target_modules=list(target_modules), modules_to_save=modules_to_save, **extra)
+    alpha = default_alpha(method, rank) if alpha is None else alpha
     if method == "lora":
-        return peft.LoraConfig(lora_alpha=default_alpha(method, rank) if alpha is None else alpha, lora_dropout=dropout,
-                               **common)
+        return peft.LoraConfig(lora_alpha=alpha, lora_dropout=dropout, **common)
     if method == "vera":
         return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **common)
-    return peft.RandLoraConfig(randlora_alpha=default_alpha(method, rank) if alpha is None else alpha,
-                               randlora_dropout=dropout,
-                               projection_prng_key=seed, save_projection=True, **common)
+    return peft.RandLoraConfig(randlora_alpha=alpha, randlora_dropout=dropout, projection_prng_key=seed,
+                               save_projection=True, **common)
 
 
 def save_peft(model, path, base_model_name_or_path=None):

@@ -181,8 +181,12 @@ def load_model(model_args, data_args, training_args):
     return add_adapter(model, model_args, training_args), tokenizer
 
 
+def head_modules(model):
+    return HEAD_MODULES.get(model.config.model_type, ["classifier"])
+
+
 def add_adapter(model, model_args, training_args):
-    heads = HEAD_MODULES.get(model.config.model_type, ["classifier"])
+    heads = head_modules(model)
     method = model_args.adapter_name
     if model_args.adapter_impl == "peft":
         return add_peft_adapter(model, model_args, training_args, heads)
@@ -204,14 +208,13 @@ def add_peft_adapter(model, model_args, training_args, heads):
     """The same run with Hugging Face PEFT's adapter, for comparison with ours."""
     import peft
 
-    targets = model_args.target_modules or peft_layers.DEFAULT_TARGETS.get(model.config.model_type)
-    config = peft_layers.peft_config(model_args.adapter_name, model_args.rank, model_args.adapter_alpha, targets,
-                                     model_args.adapter_dropout, training_args.seed, heads,
-                                     task_type=peft.TaskType.SEQ_CLS)
-    if model_args.lora_path:
+    if model_args.lora_path:  # the checkpoint's own adapter_config.json decides
         model = peft.PeftModel.from_pretrained(model, model_args.lora_path, is_trainable=True)
     else:
-        model = peft.get_peft_model(model, config)
+        targets = model_args.target_modules or peft_layers.DEFAULT_TARGETS.get(model.config.model_type)
+        model = peft.get_peft_model(model, peft_layers.peft_config(
+            model_args.adapter_name, model_args.rank, model_args.adapter_alpha, targets, model_args.adapter_dropout,
+            training_args.seed, heads, task_type=peft.TaskType.SEQ_CLS))
     trainable, total = peft_layers.trainable_parameters(model)
     logger.info("adapter %s (HF PEFT): %d trainable of %d parameters", model_args.adapter_name, trainable, total)
     return model
@@ -364,7 +367,7 @@ def main(argv=None):
     # Classification heads average their loss over the batch and ignore the Trainer's num_items_in_batch; left
     # True (their forward takes **kwargs), the Trainer would multiply the loss by the number of processes.
     transformers_model(model).accepts_loss_kwargs = False
-    heads = HEAD_MODULES.get(model.config.model_type, ["classifier"])
+    heads = head_modules(model)
     trainer = GlueTrainer(
         model=model, args=training_args, train_dataset=splits.get("train"), eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
