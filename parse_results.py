@@ -115,7 +115,7 @@ def format_cell(cell, nseeds, ntasks, is_average, fmt):
     if cell is None:
         return "-"
     centre, std, n = cell
-    pm = {"latex": " $\\pm$ ", "markdown": " ± ", "text": " ± "}.get(fmt, " ± ")
+    pm = " $\\pm$ " if fmt == "latex" else " ± "
     text = f"{centre:.2f}" if is_average else f"{centre:.2f}{pm}{std:.2f}"
     total = ntasks if is_average else nseeds
     if n < total:  # partial: say how much is behind the number

@@ -125,7 +125,13 @@ done
 
 echo "sweep finished in $((SECONDS - start))s; results in $RESULTS_DIR (dev-set scores x100, mean ± std over seeds)"
 "$PY" parse_results.py "${roots[@]}" "$nseeds"
-"$PY" parse_results.py "${roots[@]}" "$nseeds" --format markdown > "$RESULTS_DIR/summary.md" 2>/dev/null || true
+# Written whole or not at all (a temp file renamed into place), like every other result file.
+summary="$RESULTS_DIR/summary.md"
+if "$PY" parse_results.py "${roots[@]}" "$nseeds" --format markdown > "$summary.tmp" 2>/dev/null; then
+  mv "$summary.tmp" "$summary"
+else
+  rm -f "$summary.tmp"
+fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "error: ${#failed[@]} runs failed: ${failed[*]}" >&2
   exit 1
