@@ -316,13 +316,12 @@ def prepare_save_dir(args, job, input_files):
     for path in job.outputs.values():
         check_not_input(path, *inputs)
     if job.rank == 0:
-        moved = [path.name for path in job.outputs.values() if path.exists()]
-        for path in job.outputs.values():
-            if path.exists():
-                os.replace(path, path.with_name(path.name + PREVIOUS))
-        if moved:
-            logger.info(f"set aside the previous results {', '.join(moved)} in {save_dir} as *{PREVIOUS} "
-                        "(deleted when this run succeeds)")
+        earlier = [path for path in job.outputs.values() if path.exists()]
+        for path in earlier:
+            os.replace(path, path.with_name(path.name + PREVIOUS))
+        if earlier:
+            logger.info(f"set aside the previous results {', '.join(p.name for p in earlier)} in {save_dir} as "
+                        f"*{PREVIOUS} (deleted when this run succeeds)")
     return save_dir
 
 
