@@ -5,7 +5,7 @@ Exit convention (every script): `run_main(main)` runs the entry point. A problem
 bad or missing file, an adapter that does not fit, an unwritable output folder, a full disk) is a `UsageError`
 (or a subclass: `DataError` for a data file, naming file and line) or an OSError, printed as one line
 `error: <what is wrong>; <how to fix it>` with exit code 2. Anything unexpected prints one line
-`error: internal error ...` and exits 1; `PEFT_DEBUG=1` re-raises it with the full traceback.
+`error: internal error ...` and exits 1; `PEFT_DEBUG=1` shows the full traceback instead.
 """
 import contextlib
 import json
@@ -205,8 +205,19 @@ def _user_error(e):
     return isinstance(e, UsageError) or bool(peft_layers and isinstance(e, peft_layers.AdapterError))
 
 
+def _one_line_excepthook(exc_type, exc, tb):
+    message = one_line(exc)[:300]
+    print(f"error: internal error {exc_type.__name__}: {message} (rerun with {DEBUG_ENV}=1 for the traceback)",
+          file=sys.stderr)
+
+
 def run_main(main, argv=None):
-    """Run a script's main(argv) with the one exit convention (see the module docstring)."""
+    """Run a script's main(argv) with the one exit convention (see the module docstring).
+
+    An unexpected exception still propagates (so callers and tests see it); only when it reaches the top of the
+    process does the installed hook print it as one line (Python then exits 1)."""
+    if not os.environ.get(DEBUG_ENV):
+        sys.excepthook = _one_line_excepthook
     try:
         return main(argv) if argv is not None else main()
     except KeyboardInterrupt:
@@ -218,11 +229,8 @@ def run_main(main, argv=None):
         if _user_error(e):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and e.errno is not None:
             where = f": {e.filename}" if e.filename else ""
             print(f"error: {e.strerror or e}{where}; free space or fix permissions and rerun", file=sys.stderr)
             sys.exit(2)
-        message = one_line(e)[:300]
-        print(f"error: internal error {type(e).__name__}: {message} (rerun with {DEBUG_ENV}=1 for the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
+        raise
