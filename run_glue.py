@@ -225,7 +225,8 @@ def check_values(model_args, data_args, training_args):
     if model_args.adapter_impl == "peft" and model_args.adapter_name == "none":
         raise UsageError("--adapter_impl peft needs an adapter: pass --adapter_name lora|vera|randlora")
     if model_args.adapter_path and not os.path.exists(model_args.adapter_path):
-        raise UsageError(f"--adapter_path {model_args.adapter_path} does not exist; check the path")
+        raise UsageError(f"adapter checkpoint {model_args.adapter_path} (--lora_path / --adapter_path) does not "
+                         "exist; check the path")
     if model_args.target_modules:  # accept "query value" and "query,value"
         model_args.target_modules = [t for arg in model_args.target_modules for t in arg.split(",") if t]
 
