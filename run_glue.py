@@ -53,6 +53,8 @@ HEAD_MODULES = {"bert": ["classifier", "pooler"], "deberta-v2": ["classifier", "
 # RandLoRA's run_glue.py adapts every attention and feed-forward projection of RoBERTa ("query key value dense").
 RANDLORA_TARGETS = {"deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"]}
 RANDLORA_DEFAULT_TARGETS = ["query", "key", "value", "dense"]
+# Trainer flags that older transformers (microsoft/LoRA's and RandLoRA's scripts) spelled differently.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
 RESULT_FILES = ("eval_results.json", "eval_results_mnli.json", "eval_results_mnli-mm.json", "train_results.json",
                 "adapter_setup.json", "test_results_*.txt")
 
@@ -176,7 +178,8 @@ def deepspeed_on_cpu_args(argv):
 
 def parse_args(argv=None):
     """The three argument dataclasses and the recipe; a missing --output_dir gets a default that is printed."""
-    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = [RENAMED_FLAGS.get(a.split("=", 1)[0], a.split("=", 1)[0]) + a[len(a.split("=", 1)[0]):]
+            for a in map(str, sys.argv[1:] if argv is None else argv)]
     given = flags_given(argv)
     fp16_dropped = False
     if not torch.cuda.is_available():

@@ -219,3 +219,8 @@ def test_randlora_targets_and_the_forks_scale_on_a_model(tiny_roberta):
     assert run_glue.effective_alpha(tiny_roberta, recipe, targets) == pytest.approx(8.0)
     microsoft, _ = recipe_of("--apply_lora", "--lora_r", 8, "--lora_alpha", 16)
     assert run_glue.adapter_targets(tiny_roberta, microsoft, heads) == ["query", "value"]
+
+
+def test_old_trainer_flag_names_of_the_source_tools_are_accepted():
+    _, training_args = recipe_of("--apply_lora", "--evaluation_strategy", "epoch", "--local-rank=0")
+    assert training_args.eval_strategy == "epoch" and training_args.local_rank == 0
