@@ -529,8 +529,11 @@ def setup_line(setup):
     scale = "" if setup["scale"] is None else f" scale {setup['scaling']} = {setup['scale']:.4g}"
     alpha = "" if setup["alpha"] is None else f" alpha {setup['alpha']:.4g}"
     rank = "" if setup["rank"] is None else f" r {setup['rank']}"
+    targets = setup["target_modules"]
+    if any("." in t for t in targets):  # full layer names (the head's layers left out): say which kinds, how many
+        targets = sorted({t.rsplit(".", 1)[-1] for t in targets}) + [f"({len(targets)} layers)"]
     return (f"setup ({setup['flag_set']} flags): {setup['method']} ({setup['implementation']}){rank}{alpha}{scale} | "
-            f"targets {' '.join(setup['target_modules']) or '-'} | head {' '.join(setup['head_modules'])} trained | "
+            f"targets {' '.join(targets) or '-'} | head {' '.join(setup['head_modules'])} trained | "
             f"dropout {setup['dropout']:g} | projection seed {setup['projection_seed']} | trainable "
             f"{setup['trainable_parameters']:,} of {setup['total_parameters']:,} | {setup['optimizer']} | warm-up "
             f"{setup['warmup']} | lr {setup['learning_rate']:g}, head {setup['head_learning_rate']:g} | "
