@@ -39,7 +39,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,11 +56,11 @@ class BenchArguments:
     batch_size: int = field(default=16)
     gen_tokens: int = field(default=32, metadata={"help": "decode: tokens generated per MR (min = max)"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
-    official_dir: Optional[str] = field(default=None, metadata={"help": "score: folder with measure_scores.py"})
+    official_dir: str | None = field(default=None, metadata={"help": "score: folder with measure_scores.py"})
     repeats: int = field(default=3, metadata={"help": "score: runs of each scorer, alternating which goes first; "
                                                       "medians are reported"})
     shape: str = field(default="medium", metadata={"help": "train: GPT-2 shape", "choices": ["small", "medium"]})
-    train_steps: Optional[int] = field(default=None, metadata={
+    train_steps: int | None = field(default=None, metadata={
         "help": "train: optimizer steps per run (default: one epoch of the E2E training set, 5,258 steps)"})
     output_dir: str = field(default=str(REPO / "bench" / "results"))
 
@@ -74,6 +73,7 @@ def bench_decode(args):
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
     import gpt2_beam
     from e2e_data import group_references, load_e2e, prompt_ids
 
@@ -84,11 +84,12 @@ def bench_decode(args):
     contexts, _ = group_references(load_e2e(DATA_DIR / "e2e" / "original" / "testset_w_refs.csv"))
     contexts = contexts[:args.num_mrs]
     beam_args = gpt2_beam.BeamArguments(data="", beam=args.beam, batch_size=args.batch_size,
-                                        eval_len=args.gen_tokens, min_length=args.gen_tokens)
+                                        eval_len=args.gen_tokens, min_length=args.gen_tokens, eos_token_id=[628])
+    eos_ids = gpt2_beam.end_tokens(beam_args, tokenizer)
     load_before = load_average()
 
     start = time.perf_counter()
-    batched = dict(gpt2_beam.decode_contexts(model, tokenizer, contexts, beam_args, "cpu"))
+    batched = {i: tokens for i, tokens, _ in gpt2_beam.decode_contexts(model, tokenizer, contexts, beam_args, "cpu")}
     batched_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -101,10 +102,10 @@ def bench_decode(args):
                                  min_new_tokens=args.gen_tokens, num_beams=args.beam,
                                  length_penalty=beam_args.length_penalty,
                                  no_repeat_ngram_size=beam_args.no_repeat_ngram_size,
-                                 eos_token_id=beam_args.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                                 eos_token_id=eos_ids, pad_token_id=tokenizer.eos_token_id,
                                  do_sample=False)
             row = out[0, ids.shape[1]:].tolist()
-            end = next((j for j, t in enumerate(row) if t in beam_args.eos_token_id), len(row))
+            end = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
             plain[i] = row[:end]
     plain_s = time.perf_counter() - start
     return {
