@@ -230,8 +230,9 @@ def port_bleu_nist(references, predictions):
 
     nist = 0.0
     for n in range(NIST_ORDER):
-        if nist_lens[n] == 0:
-            raise UsageError("every prediction is empty; NIST (measure_scores.py -p) is undefined")
+        if nist_lens[n] == 0:  # the port divides by zero here
+            raise UsageError(f"the predictions hold no {n + 1}-grams in all (too short); NIST of measure_scores.py "
+                             "-p is undefined for them")
         nist += sum(info(g) * c for g, c in nist_hits[n].items()) / nist_lens[n]
     ratio = nist_lens[0] / avg_ref_len if avg_ref_len else 0.0
     beta = -math.log(0.5) / math.log(1.5) ** 2
