@@ -14,6 +14,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,9 +204,10 @@ class ConvertArguments:
                 "'original' keeps `name[X], eatType[Y]`", "choices": ["lora", "original"]})
 
 
-def main():
+def main(argv=None):
     from transformers import HfArgumentParser
-    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    (args,) = HfArgumentParser(ConvertArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     check_not_input(args.output, args.input)
     rows = load_e2e(args.input, args.mr_format)
     write_jsonl(rows, args.output)

@@ -49,8 +49,11 @@ def read_state_dict(path, what="--init_checkpoint"):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
-        reason = ("it holds pickled Python objects besides tensors, which are refused for safety"
-                  if "Weights only load failed" in str(e) else f"unreadable or truncated: {one_line(e)[:120]}")
+        said = str(e)
+        if "global" in said.lower() and "allowlist" in said:
+            reason = "it holds pickled Python objects besides tensors, which are refused for safety"
+        else:  # torch's own message would advise weights_only=False: it is not repeated here
+            reason = "unreadable, truncated or not a torch file"
         raise UsageError(f"{what} {path} is not a usable torch checkpoint ({reason}); pass the original GPT-2 "
                          "pytorch_model.bin or a model.<step>.pt") from None
     if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):

@@ -555,9 +555,15 @@ class Trainer:
         return loss.detach()
 
     def fit(self):
-        args, state = self.args, self.state
-        self.progress = tqdm(total=self.max_step, initial=state.step, desc="train",
+        self.progress = tqdm(total=self.max_step, initial=self.state.step, desc="train",
                              disable=not self.acc.is_local_main_process)
+        with self.progress:  # closed on an error too, so the error line starts a line of its own
+            tokens = self.loop()
+            train_s = self.timer.seconds()
+        return self.throughput(self.acc.reduce(tokens, "sum").item(), train_s)
+
+    def loop(self):
+        args, state = self.args, self.state
         running, count = torch.zeros((), device=self.acc.device), 0
         tokens = torch.zeros((), dtype=torch.long, device=self.acc.device)
         reset_peak_memory()
@@ -588,9 +594,7 @@ class Trainer:
                 state.epoch, state.batches_done = state.epoch + 1, 0
                 if state.step < self.max_step and state.epoch < args.max_epoch:
                     self.checkpoint(whole_model=True)  # microsoft/LoRA: the whole model at each epoch's end
-        train_s = self.timer.seconds()
-        self.progress.close()
-        return self.throughput(self.acc.reduce(tokens, "sum").item(), train_s)
+        return tokens
 
     def throughput(self, train_tokens, train_s):
         out = {"train_tokens": train_tokens, "train_seconds": round(train_s, 3),
