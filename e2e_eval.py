@@ -16,6 +16,11 @@ line; a file without blank lines holds one reference per instance) and a predict
 instance, same order) -- the two files gpt2_decode.py writes.
 
     python e2e_eval.py --ref_file refs.txt --pred_file preds.txt --output_json scores.json
+    python e2e_eval.py e2e_ref.txt e2e_pred.txt -p         # measure_scores.py's command line, as microsoft/LoRA runs it
+
+`-p` (measure_scores.py's --python) computes BLEU and NIST as the official scorer's Python MTEval port does, which
+is how microsoft/LoRA's README scores E2E; its numbers differ slightly from the Perl script's (see port_bleu_nist).
+METEOR, ROUGE_L and CIDEr are the same either way.
 """
 import contextlib
 import math

@@ -94,7 +94,7 @@ class BeamArguments:
     platform: str = field(default="local", metadata={
         "help": "microsoft/LoRA's launcher name; processes come from the launcher's environment",
         "choices": ["local", "k8s", "philly", "azure"]})
-    local_rank: int = field(default=-1, metadata={"aliases": ["--local-rank"],
+    local_rank: int = field(default=-1, metadata={
                                                   "help": "set by torch.distributed.launch; read from LOCAL_RANK"})
 
 

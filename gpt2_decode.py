@@ -3,12 +3,21 @@
     python gpt2_decode.py --input_file ../shared/data/e2e/original/testset_w_refs.csv \
         --sample_file outputs/e2e/predict.jsonl \
         --output_ref_file outputs/e2e/e2e_ref.txt --output_pred_file outputs/e2e/e2e_pred.txt --score
+    python gpt2_decode.py --vocab ./vocab --sample_file ./trained_models/GPT2_M/e2e/predict.5258.s200.jsonl \
+        --input_file ./data/e2e/test_formatted.jsonl --output_ref_file ./trained_models/GPT2_M/e2e/e2e_ref.txt \
+        --output_pred_file ./trained_models/GPT2_M/e2e/e2e_pred.txt      # microsoft/LoRA's command, as written
 
 References are grouped per distinct meaning representation (one per line, groups separated by a blank line) and
 predictions are written one per meaning representation in the same order -- the layout of the official
 measure_scores.py. A prediction is cut at the end-of-text token and at its first blank line. With
 --ref_type webnlg or dart, --output_ref_file is a folder of `reference0 ... reference{N-1}` files (one line per
 input, empty where an input has fewer references), as microsoft/LoRA writes them for the GEM/DART scorers.
+
+Samples are gpt2_beam.py's output in either format: ours ({"context", "text"}) or microsoft/LoRA's
+({"id": input line, "predict": [token ids]}, decoded with the --vocab tokenizer; --input_file is then the text
+file the token ids were encoded from, e.g. test_formatted.jsonl). Everything is read and checked before the first
+file is written: a missing prediction, a context given two different predictions (microsoft/LoRA silently keeps
+the last; --duplicates last does the same), or references that are all empty stop the run with one line.
 """
 import re
 import sys

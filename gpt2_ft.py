@@ -118,7 +118,7 @@ class TrainArguments:
     platform: str = field(default="local", metadata={
         "help": "microsoft/LoRA's launcher name; here the processes always come from the launcher's environment "
                 "(torch.distributed.launch, torchrun, accelerate)", "choices": ["local", "k8s", "philly", "azure"]})
-    local_rank: int = field(default=-1, metadata={"aliases": ["--local-rank"],
+    local_rank: int = field(default=-1, metadata={
                                                   "help": "set by torch.distributed.launch; read from LOCAL_RANK"})
 
 

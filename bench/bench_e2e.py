@@ -48,7 +48,7 @@ from common import DATA_DIR, UsageError, atomic_write_json, run_main  # noqa: E4
 
 @dataclass
 class BenchArguments:
-    what: str = field(default="decode", metadata={"choices": ["decode", "score", "train", "both"],
+    what: str = field(default="decode", metadata={"choices": ["decode", "score", "train", "step", "both"],
                                                   "help": "both = decode and score"})
     num_mrs: int = field(default=32, metadata={"help": "decode: distinct MRs of the E2E test set for gpt2_beam"})
     plain_mrs: int = field(default=8, metadata={"help": "decode: how many of them the (slow) plain loop decodes"})
@@ -62,6 +62,7 @@ class BenchArguments:
     shape: str = field(default="medium", metadata={"help": "train: GPT-2 shape", "choices": ["small", "medium"]})
     train_steps: int | None = field(default=None, metadata={
         "help": "train: optimizer steps per run (default: one epoch of the E2E training set, 5,258 steps)"})
+    step_batches: int = field(default=3, metadata={"help": "step: E2E training batches of 8 (each --repeats times)"})
     output_dir: str = field(default=str(REPO / "bench" / "results"))
 
 
@@ -220,11 +221,60 @@ def bench_train(args):
     }
 
 
+def bench_step(args):
+    """One LoRA training step (forward, loss, backward, AdamW) with the LM head at every position against the
+    head at the labelled positions only (gpt2_ft.py's step), same model and batches, interleaved; CPU time."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    import gpt2_ft
+    import peft_layers
+    from e2e_data import load_e2e
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(DATA_DIR / "gpt2_vocab")
+    rows = load_e2e(DATA_DIR / "e2e" / "original" / "trainset.csv")[:8 * args.step_batches]
+    examples = gpt2_ft.encode(rows, tokenizer, 512)
+    collate = gpt2_ft.make_collate(tokenizer.eos_token_id)
+    batches = [collate(examples[i:i + 8]) for i in range(0, len(examples), 8)]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **GPT2_SHAPES[args.shape]))
+    peft_layers.apply_adapter(model, "lora", 4, 32, dropout=0.1)
+    model.train()
+    optimizer = gpt2_ft.LegacyAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ways = {"full_logits": gpt2_ft.full_completion_loss, "label_positions": gpt2_ft.completion_loss}
+    cpu = {name: 0.0 for name in ways}
+    peak_logits = {name: 0 for name in ways}
+    for repeat in range(args.repeats):
+        for batch in batches:
+            for name in (list(ways) if repeat % 2 == 0 else list(ways)[::-1]):  # alternate which goes first
+                start = time.process_time()
+                loss, _ = ways[name](model, batch, 0.1)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                cpu[name] += time.process_time() - start
+    for batch in batches:  # rows of vocabulary-wide logits each way computes (and keeps for backward)
+        peak_logits["full_logits"] += batch["input_ids"].numel()
+        peak_logits["label_positions"] += batch["targets"].numel()
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) * args.repeats
+    labelled = sum(b["targets"].numel() for b in batches) / sum(int(b["attention_mask"].sum()) for b in batches)
+    return {
+        "model": f"random GPT-2 {args.shape} shape ({GPT2_SHAPES[args.shape]}, vocab 50257), LoRA r4 on c_attn q,v",
+        "device": f"cpu, {args.threads} threads", "batches": len(batches), "repeats": args.repeats,
+        "labelled_token_fraction": round(labelled, 3),
+        **{f"{name}_cpu_tokens_per_second": round(tokens / cpu[name], 1) for name in ways},
+        "speedup_cpu_time": round(cpu["full_logits"] / cpu["label_positions"], 3),
+        **{f"{name}_lm_head_rows": peak_logits[name] for name in ways},
+        "load_average_1min": round(load_average(), 2),
+    }
+
+
 def main():
     from transformers import HfArgumentParser
-    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
-    for what, bench in (("decode", bench_decode), ("score", bench_score), ("train", bench_train)):
-        if args.what == what or (args.what == "both" and what != "train"):
+    (args,) = HfArgumentParser(BenchArguments, description=__doc__).parse_args_into_dataclasses()
+    for what, bench in (("decode", bench_decode), ("score", bench_score), ("train", bench_train),
+                        ("step", bench_step)):
+        if args.what == what or (args.what == "both" and what in ("decode", "score")):
             result = bench(args)
             atomic_write_json(Path(args.output_dir) / f"e2e_{what}.json", result)
             print(json.dumps(result, indent=2))
