@@ -181,6 +181,27 @@ def load_model(args, device, token_data=False):
     return tokenizer, model.to(device=device, dtype=dtype), setup
 
 
+class GeneratedNoRepeatNGram:
+    """microsoft/LoRA's no-repeat rule: an n-gram may not occur twice *in the generated text*. Hugging Face's
+    `no_repeat_ngram_size` also counts the prompt, so a name the meaning representation spells in 4+ tokens
+    (`near : Café Adriatic` is ` Café`, ` Ad`, `ri`, `atic`) could never be copied whole into the sentence."""
+
+    def __init__(self, size, prompt_len):
+        self.size, self.prompt_len = size, prompt_len
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len:]
+        n = self.size
+        if generated.shape[1] + 1 < n:
+            return scores
+        for row, tokens in enumerate(generated.tolist()):
+            prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+            banned = {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
+            if banned:
+                scores[row, list(banned)] = -float("inf")
+        return scores
+
+
 @torch.no_grad()
 def generate_batch(model, pad, prompts, args, device, eos_ids):
     """Left-padded beam search for a list of prompt token lists; returns each one's generated tokens up to its
@@ -191,10 +212,12 @@ def generate_batch(model, pad, prompts, args, device, eos_ids):
     for row, p in enumerate(prompts):
         input_ids[row, longest - len(p):] = torch.tensor(p)
         attention_mask[row, longest - len(p):] = 1
+    from transformers import LogitsProcessorList
+    no_repeat = [GeneratedNoRepeatNGram(args.no_repeat_ngram_size, longest)] if args.no_repeat_ngram_size else []
     out = model.generate(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
         max_new_tokens=min(args.eval_len, args.seq_len - longest), min_new_tokens=args.min_length,
-        num_beams=args.beam, length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        num_beams=args.beam, length_penalty=args.length_penalty, logits_processor=LogitsProcessorList(no_repeat),
         repetition_penalty=args.repetition_penalty, eos_token_id=eos_ids, pad_token_id=pad,
         do_sample=False, use_cache=True)
     generated = []

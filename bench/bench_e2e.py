@@ -73,7 +73,7 @@ def load_average():
 def bench_decode(args):
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LogitsProcessorList
 
     import gpt2_beam
     from e2e_data import group_references, load_e2e, prompt_ids
@@ -102,7 +102,8 @@ def bench_decode(args):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
                                  min_new_tokens=args.gen_tokens, num_beams=args.beam,
                                  length_penalty=beam_args.length_penalty,
-                                 no_repeat_ngram_size=beam_args.no_repeat_ngram_size,
+                                 logits_processor=LogitsProcessorList([gpt2_beam.GeneratedNoRepeatNGram(
+                                     beam_args.no_repeat_ngram_size, ids.shape[1])]),
                                  eos_token_id=eos_ids, pad_token_id=tokenizer.eos_token_id,
                                  do_sample=False)
             row = out[0, ids.shape[1]:].tolist()

@@ -329,3 +329,21 @@ def test_python_mteval_port_hand_worked():
     # "a b" has no 3-gram at all: the port divides by zero (and crashes); here it is one clear error.
     with pytest.raises(UsageError, match="no 3-grams"):
         e2e_eval.port_bleu_nist([["a b", "a b c d"]], ["a b"])
+
+
+def test_no_repeat_ngram_counts_generated_tokens_only(gpt2_tokenizer):
+    """microsoft/LoRA bans a repeated n-gram within the generated text; Hugging Face's no_repeat_ngram_size also
+    counts the prompt, which would forbid copying `Café Adriatic` (4 tokens) from the meaning representation."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+    prompt = gpt2_tokenizer.encode("name : Café Adriatic | near : The Rice Boat") + [EOT]
+    generated = gpt2_tokenizer.encode(" near Café Adriatic")[:-1]  # ... Café, Ad, ri -> next should be `atic`
+    atic = gpt2_tokenizer.encode(" Café Adriatic")[-1]
+    ids = torch.tensor([prompt + generated])
+    ours = gpt2_beam.GeneratedNoRepeatNGram(4, len(prompt))(ids, torch.zeros(1, 50257))
+    hf = NoRepeatNGramLogitsProcessor(4)(ids, torch.zeros(1, 50257))
+    assert ours[0, atic] == 0 and hf[0, atic] == -float("inf")
+    # Within the generated text the rule holds: `a b c d a b c` may not continue with `d`.
+    a_b_c_d = gpt2_tokenizer.encode(" the pub is cheap")
+    ids = torch.tensor([prompt + a_b_c_d + a_b_c_d[:3]])
+    ours = gpt2_beam.GeneratedNoRepeatNGram(4, len(prompt))(ids, torch.zeros(1, 50257))
+    assert ours[0, a_b_c_d[3]] == -float("inf") and (ours[0] == -float("inf")).sum() == 1
