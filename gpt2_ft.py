@@ -482,8 +482,10 @@ def describe(args, setup, max_step, accelerator, spelled):
               f"label_smooth={args.label_smooth} batch={setup['batch']} seed={args.seed}")
     if accelerator.is_main_process:
         print(line, flush=True)
-        differ = [f"--{k} {getattr(args, k)} (theirs {v})" for k, v in LORA_ARGPARSE_DEFAULTS.items()
-                  if k not in spelled and getattr(args, k) != v]
+        used = {k: setup["alpha"] if k == "lora_alpha" else getattr(args, k) for k in LORA_ARGPARSE_DEFAULTS}
+        shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else f"{v:g}"  # noqa: E731
+        differ = [f"--{k} {shown(used[k])} (theirs {shown(v)})" for k, v in LORA_ARGPARSE_DEFAULTS.items()
+                  if k not in spelled and used[k] is not None and used[k] != v]
         if differ:
             print("note: not given on the command line, so the E2E recipe's values are used where microsoft/LoRA's "
                   "gpt2_ft.py would take its argparse defaults: " + ", ".join(differ), flush=True)
