@@ -483,6 +483,8 @@ def describe(args, setup, max_step, accelerator, spelled):
     if accelerator.is_main_process:
         print(line, flush=True)
         used = {k: setup["alpha"] if k == "lora_alpha" else getattr(args, k) for k in LORA_ARGPARSE_DEFAULTS}
+        if setup["rank"] is None:  # full fine-tuning: no adapter flags apply
+            used.update(rank=None, lora_alpha=None, lora_dropout=None)
         shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else f"{v:g}"  # noqa: E731
         differ = [f"--{k} {shown(used[k])} (theirs {shown(v)})" for k, v in LORA_ARGPARSE_DEFAULTS.items()
                   if k not in spelled and used[k] is not None and used[k] != v]
