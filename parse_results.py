@@ -153,6 +153,8 @@ def collect(root, nseeds, rows, best):
         for rel, wanted in by_file.items():
             path = Path(root, str(seed), rel)
             results, problem = read_results(path)
+            if not problem and "eval_loss" in results:  # a diverged run: its other numbers mean nothing either
+                problem = metric_value(results, "eval_loss", path)[1]
             if problem:
                 missing.append(problem)
                 continue
