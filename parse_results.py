@@ -340,7 +340,7 @@ def to_json(rows, roots, missing, args, note):
                        "results": table, "missing": missing}, indent=2)
 
 
-def plot(rows, roots, path, stat):
+def plot(rows, roots, path, stat, baselines=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,6 +358,12 @@ def plot(rows, roots, path, stat):
         centres = [cells[root][0] if cells[root] else np.nan for _, cells in rows]
         errors = [(cells[root][1] or 0) if cells[root] else 0 for _, cells in rows]
         ax.bar(x + (i - (len(roots) - 1) / 2) * width, centres, width, yerr=errors, capsize=3, label=names[i])
+    for i, label in enumerate(labels):  # each task's trivial baseline as a dashed line across its bars
+        score = (baselines or {}).get(label, (None,))[0]
+        if score is not None:
+            ax.hlines(score, i - 0.45, i + 0.45, colors="black", linestyles="dashed",
+                      label="trivial baseline" if not ax.get_legend_handles_labels()[1].count("trivial baseline")
+                      else None)
     ax.set_xticks(x, labels)
     ax.set_ylabel(f"{stat} score, error bars: std over seeds")
     ax.legend(fontsize="small")
@@ -515,10 +521,11 @@ def main(argv=None):
         if e2e and args.paper not in PAPERS_E2E:
             raise UsageError(f"no published E2E numbers for --paper {args.paper}; choose {' or '.join(PAPERS_E2E)}")
         print("\n" + render_paper(args.paper, per_root, args.roots, args.stat, args.std, e2e))
-    if args.baseline and not e2e and args.format == "text":
-        print("\n" + render_baselines(trivial_baselines(args.roots, args.nseeds, tasks)))
+    baselines = trivial_baselines(args.roots, args.nseeds, tasks) if args.baseline and not e2e else None
+    if baselines and args.format == "text":
+        print("\n" + render_baselines(baselines))
     if args.plot:
-        plot(rows, args.roots, args.plot, args.stat)
+        plot(rows, args.roots, args.plot, args.stat, baselines)
         print(f"chart: {args.plot}", file=sys.stderr)
 
 

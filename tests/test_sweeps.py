@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import GLUE_DIR, REPO, tiny_bert_config
 
 PY = sys.executable
@@ -52,10 +51,12 @@ def test_no_argument_runs_randloras_grid_as_its_train_all_does(gpu):
     env = {"CUDA_VISIBLE_DEVICES": "0"} if gpu else {"CUDA_VISIBLE_DEVICES": ""}
     runs = dry_run(**env)
     expected = []  # RandLoRA's GLUE/train_all.sh loops: model, seed, task, then RandLoRA, LoRA, VeRA
-    for model, size, randlora_rank in (("FacebookAI/roberta-base", "", 64), ("FacebookAI/roberta-large", "_large", 100)):
+    models = (("FacebookAI/roberta-base", "", 64), ("FacebookAI/roberta-large", "_large", 100))
+    for model, size, randlora_rank in models:
         for seed in range(1, 6):
             for task in GRID_TASKS:
-                for method, rank, lr in (("randlora", randlora_rank, "1e-4"), ("lora", 4, "1e-4"), ("vera", 256, "1e-2")):
+                adapters = (("randlora", randlora_rank, "1e-4"), ("lora", 4, "1e-4"), ("vera", 256, "1e-2"))
+                for method, rank, lr in adapters:
                     expected.append((model, task, method, str(rank), lr, str(seed),
                                      f"finetuned_results/{method}{rank}{size}/{seed}/{task}"))
     assert [(r["model_name_or_path"], r["task_name"], r["adapter_name"], r["rank"], r["learning_rate"], r["seed"],
@@ -108,7 +109,8 @@ def test_the_grid_stops_at_once_when_roberta_cannot_be_loaded(tmp_path):
 
 def test_bad_jobs_value_is_one_line():
     result = sweep("train_all.sh", "demo", "--jobs", "two", MODELS="minilm", RESULTS_DIR="/nonexistent/x")
-    assert result.returncode == 2 and result.stderr.strip() == "error: JOBS must be a positive number or auto, got 'two'"
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: JOBS must be a positive number or auto, got 'two'"
 
 
 # ------------------------------------------------------------------------------------------------ real sweeps
@@ -167,3 +169,45 @@ def test_parallel_sweep_survives_a_failing_run_reruns_an_unusable_one_and_restar
     results_seq = json.loads((tmp_path / "seq" / "lora4_bert" / "1" / "rte" / "eval_results.json").read_text())
     assert results_seq["eval_accuracy"] == results_1["eval_accuracy"]
     assert results_seq["eval_loss"] == pytest.approx(results_1["eval_loss"], abs=1e-5)
+
+
+def test_the_failure_summary_prints_even_when_the_table_cannot_be_made(tiny_bert_dir, tmp_path):
+    # seed 0 is outside the 1..NSEEDS range parse_results.py reads, so the table fails too (set -e must not hide
+    # the failure summary after it)
+    result = tiny_sweep(tiny_bert_dir, tmp_path, jobs=1, adapters="bogus:4:1e-3", seeds="0")
+    assert result.returncode == 1
+    assert "error: NSEEDS must be at least 1" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: 1 runs failed: {tmp_path}/bogus4_bert/0/rte"
+
+
+# ------------------------------------------------------------------------------------------------ E2E and GPU check
+
+
+def test_e2e_smoke_sweep_runs_the_whole_chain_on_the_real_files(tmp_path):
+    first = sweep("e2e_all.sh", "smoke", "--jobs", "2", RESULTS_DIR=tmp_path, SMOKE_SEEDS="1 2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    lines = first.stdout.splitlines()
+    assert len([line for line in lines if re.match(r"^\[\d/2\] e2e lora4 seed \d: BLEU [\d.]+ NIST", line)]) == 2
+    for seed in (1, 2):
+        run = tmp_path / "lora4" / str(seed)
+        scores = json.loads((run / "e2e_scores.json").read_text())
+        assert set(scores) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+        assert len((run / "e2e_pred.txt").read_text().splitlines()) == 20  # the first 20 test MRs
+        assert (run / "final").is_dir() and "gpt2_beam.py" in (run / "log.txt").read_text()
+    table = first.stdout[first.stdout.index("\ntask ") + 1:].splitlines()
+    assert table[0].split() == ["task", "lora4"] and [row.split()[0] for row in table[2:7]] == [
+        "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
+    assert (tmp_path / "summary.png").is_file()
+    again = sweep("e2e_all.sh", "smoke", RESULTS_DIR=tmp_path, SMOKE_SEEDS="1 2")
+    assert again.returncode == 0 and "0 runs to do (2 already finished)" in again.stdout
+
+
+def test_gpu_check_smoke_writes_its_report(tmp_path):
+    result = sweep("bench/gpu_check.sh", "--smoke", "--out", tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["smoke"] is True and all(step["exit"] == 0 for step in report["steps"].values())
+    assert report["matmul"]["bfloat16_tflops"] > 0
+    assert report["e2e_train"]["lora_r4"]["epoch_seconds_estimate"] > 0
+    assert report["data_parallel"]["processes"] == 2 and report["data_parallel"]["speedup"] > 0
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (smoke run on CPU")
