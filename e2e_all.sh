@@ -50,7 +50,8 @@ case "$preset" in
     : "${RESULTS_DIR:=e2e_results/smoke}" "${MODEL:=$RESULTS_DIR/tiny-gpt2}" "${TOKENIZER:=$data/gpt2_vocab}"
     : "${METHODS:=lora:4:2e-3:32}"
     EPOCHS=1 BATCH=8 WARMUP=5 SEQ_LEN=128 BEAM=2 EVAL_LEN=16 BEAM_BATCH=10 SEEDS=${SMOKE_SEEDS:-1 2}
-    MAX_TRAIN_EXAMPLES=${SMOKE_TRAIN:-200} MAX_VALID_EXAMPLES=50 MAX_TEST_EXAMPLES=${SMOKE_TEST:-20}
+    MAX_TRAIN_EXAMPLES=${SMOKE_TRAIN:-200} MAX_VALID_EXAMPLES=50 SMOKE_MRS=${SMOKE_TEST:-20}
+    SMOKE_TEST_FILE=$RESULTS_DIR/test_first_${SMOKE_MRS}_mrs.jsonl  # those MRs with all their references
     PAPER=() ;;
   lora)
     : "${RESULTS_DIR:=e2e_results/lora_paper}" "${MODEL:=gpt2-medium}" "${TOKENIZER:=$MODEL}"
@@ -66,6 +67,22 @@ case "$preset" in
     PAPER=() ;;
   *) echo "usage: bash e2e_all.sh smoke|lora|vera|randlora [--jobs N] [--dry-run] [gpt2_ft.py args...]" >&2; exit 2 ;;
 esac
+
+smoke_test_subset() {  # the first SMOKE_MRS distinct MRs of the test file, each with all its references
+  [ -f "$SMOKE_TEST_FILE" ] && return 0
+  "$PY" - "$SMOKE_SOURCE" "$SMOKE_TEST_FILE" "$SMOKE_MRS" <<'EOF'
+import sys
+
+from e2e_data import load_e2e, write_jsonl
+
+rows, keep = load_e2e(sys.argv[1]), []
+for row in rows:
+    if row["context"] not in keep:
+        keep.append(row["context"])
+keep = set(keep[: int(sys.argv[3])])
+write_jsonl([row for row in rows if row["context"] in keep], sys.argv[2])
+EOF
+}
 
 build_tiny_model() {  # the smoke preset's small GPT-2, built from config with the real vocabulary (no download)
   [ -f "$MODEL/config.json" ] && return 0
@@ -124,6 +141,7 @@ add_run() {  # add_run SPEC SEED [gpt2_ft.py args...]: the four steps as one com
      $decode"
 }
 
+if [ "$preset" = smoke ]; then SMOKE_SOURCE=$TEST_DATA TEST_DATA=$SMOKE_TEST_FILE; fi
 for spec in $METHODS; do
   for seed in $SEEDS; do add_run "$spec" "$seed" "$@"; done
 done
@@ -132,13 +150,13 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   echo "${#SWEEP_CMD[@]} runs (preset $preset; dry run: nothing started)" >&2
   exit 0
 fi
-if [ "$preset" = smoke ]; then build_tiny_model; else check_model; fi
+if [ "$preset" = smoke ]; then mkdir -p "$RESULTS_DIR"; build_tiny_model; smoke_test_subset; else check_model; fi
 sweep_execute
 
 table_status=0
 roots=() nseeds=$(printf '%s\n' $SEEDS | sort -n | tail -1)
 for spec in $METHODS; do IFS=: read -r method rank _ <<< "$spec"; roots+=("$RESULTS_DIR/$method$rank"); done
-echo "results in $RESULTS_DIR (E2E test set, $( [ -n "$MAX_TEST_EXAMPLES" ] && echo "first $MAX_TEST_EXAMPLES MRs" || echo "all MRs"))"
+echo "results in $RESULTS_DIR (E2E test set: $TEST_DATA)"
 "$PY" parse_results.py "${roots[@]}" "$nseeds" "${PAPER[@]}" --plot "$RESULTS_DIR/summary.png" || table_status=$?
 if [ ${#SWEEP_FAILED[@]} -gt 0 ]; then
   echo "error: ${#SWEEP_FAILED[@]} runs failed: ${SWEEP_FAILED[*]}" >&2

@@ -33,10 +33,10 @@ if [ "$smoke" = 0 ] && [ "$ngpu" -eq 0 ]; then
 fi
 if [ "$smoke" = 1 ]; then
   MATMUL=256 TRAIN_SHAPE=small TRAIN_STEPS=1 DECODE=(--num_mrs 2 --plain_mrs 1 --beam 2 --gen_tokens 4 --batch_size 2)
-  DP_ROWS=16 DP_PROCS=2 DP_LAUNCH=(env ACCELERATE_USE_CPU=1 "$PY" -m accelerate.commands.launch --multi_gpu)
+  DP_ROWS=16 DP_PROCS=2 DP_LAUNCH="env ACCELERATE_USE_CPU=1 $PY -m accelerate.commands.launch --multi_gpu"
 else
   MATMUL=8192 TRAIN_SHAPE=medium TRAIN_STEPS=${TRAIN_STEPS:-300} DECODE=(--num_mrs 128 --plain_mrs 8)
-  DP_ROWS=${DP_ROWS:-4000} DP_PROCS=$ngpu DP_LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu)
+  DP_ROWS=${DP_ROWS:-4000} DP_PROCS=$ngpu DP_LAUNCH="$PY -m accelerate.commands.launch --multi_gpu"
 fi
 start=$SECONDS
 
@@ -78,12 +78,19 @@ result["bf16_over_fp32"] = round(result["bfloat16_tflops"] / result["float32_tfl
 json.dump(result, open(path, "w"))
 EOF
 
-# 2. GPT-2-medium E2E training: LoRA r4 against full fine-tuning
-step e2e_train 300 "$PY" bench/bench_e2e.py --what train --shape "$TRAIN_SHAPE" --train_steps "$TRAIN_STEPS" \
+# 2. GPT-2-medium E2E training: LoRA r4 against full fine-tuning. The smoke run gives bench_e2e's "small" shape
+# 2 layers of width 64 (its train code path unchanged), so that it takes seconds, not a minute.
+if [ "$smoke" = 1 ]; then
+  BENCH_E2E=("$PY" -c 'import sys; sys.path.insert(0, "bench"); import bench_e2e
+bench_e2e.GPT2_SHAPES["small"] = dict(n_embd=64, n_layer=2, n_head=4); bench_e2e.run_main(bench_e2e.main)')
+else
+  BENCH_E2E=("$PY" bench/bench_e2e.py)
+fi
+step e2e_train 300 "${BENCH_E2E[@]}" --what train --shape "$TRAIN_SHAPE" --train_steps "$TRAIN_STEPS" \
   --output_dir "$out/steps"
 
 # 3. decoding throughput
-step e2e_decode 150 "$PY" bench/bench_e2e.py --what decode "${DECODE[@]}" --output_dir "$out/steps"
+step e2e_decode 150 "${BENCH_E2E[@]}" --what decode "${DECODE[@]}" --output_dir "$out/steps"
 
 # 4. data-parallel speed-up of gpt2_ft.py: all GPUs against one
 dp_dir=$(mktemp -d)
@@ -101,15 +108,17 @@ AutoTokenizer.from_pretrained(sys.argv[3]).save_pretrained(sys.argv[2])
 EOF
 dp_run() {  # dp_run PROCESSES: one epoch over DP_ROWS rows, tokens/s in train_results.json
   local procs=$1 launch
-  if [ "$procs" -eq 1 ]; then launch=("$PY"); else launch=("${DP_LAUNCH[@]}" --num_processes "$procs"); fi
+  if [ "$procs" -eq 1 ]; then launch=("$PY"); else read -r -a launch <<< "$DP_LAUNCH --num_processes $procs"; fi
   "${launch[@]}" gpt2_ft.py --train_data "${PEFT_DATA_DIR:-../shared/data}/e2e/original/trainset.csv" \
     --model_name_or_path "$dp_dir/model" --max_train_examples "$DP_ROWS" --max_epoch 1 --eval_interval 1000000000 \
     --save_interval 1000000000 --log_interval 1000 --warmup_step 0 --work_dir "$dp_dir/p$procs" \
     $( [ "$smoke" = 0 ] && echo --bf16 ) && cp "$dp_dir/p$procs/train_results.json" "$out/steps/dp_$procs.json"
 }
-if [ "$DP_PROCS" -gt 1 ]; then
-  step dp_1 200 dp_run 1
-  step "dp_$DP_PROCS" 200 dp_run "$DP_PROCS"
+export -f dp_run
+export PY DP_LAUNCH DP_ROWS dp_dir smoke out
+if [ "$DP_PROCS" -gt 1 ]; then  # timeout runs programs, not shell functions: through bash -c
+  step dp_1 200 bash -c 'dp_run 1'
+  step "dp_$DP_PROCS" 200 bash -c "dp_run $DP_PROCS"
 fi
 
 # The report: every step's numbers, or why they are missing.
