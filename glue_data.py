@@ -9,13 +9,14 @@ Heavy libraries (datasets, scikit-learn, scipy) are imported inside the function
 parse_results.py can read the task table without paying for them.
 """
 import csv
+import io
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import UsageError
+from common import DataError, UsageError, one_line, read_text
 
 csv.field_size_limit(1 << 24)  # some GLUE rows (MNLI parses) are longer than csv's 128 KiB default
 
@@ -71,47 +72,70 @@ def split_names(task_name, kind):
     return [f"{kind}_matched", f"{kind}_mismatched"] if task_name == "mnli" else [kind]
 
 
-def parse_label(task, value, where):
+STSB_RANGE = (0.0, 5.0)  # STS-B similarity scores
+
+
+def parse_label(task, value, path, line=None, row=None):
     """Turn a label as written in a file (a class name, a class id, a score) into the id/float the model uses.
 
-    Returns -1 for an empty label (unlabelled test rows)."""
+    Returns -1 for an empty label (unlabelled test rows). A label the task cannot have is a DataError naming the
+    file and line (`row`: the row number, for files whose rows are not lines)."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() in ("", "-1"):
         return -1.0 if task.labels is None else -1
     text = str(value).strip()
+    where = "" if row is None else f"row {row}: "
     if task.labels is None:
         try:
-            return float(text)
+            score = float(text)
         except ValueError:
-            raise UsageError(f"{where}: label {text!r} is not a number; STS-B labels are similarity scores 0-5")
+            raise DataError(path, f"{where}label {text!r} is not a number; STS-B labels are similarity scores "
+                                  "0-5", line) from None
+        if not (math.isfinite(score) and STSB_RANGE[0] <= score <= STSB_RANGE[1]):
+            raise DataError(path, f"{where}label {text!r} is outside [0, 5], the range of STS-B similarity scores; "
+                                  "fix the file", line)
+        return score
     if text in task.labels:
         return task.labels.index(text)
     try:
         as_int = int(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):
         as_int = None
     if as_int is None or as_int != float(text) or not 0 <= as_int < len(task.labels):
-        raise UsageError(f"{where}: label {text!r} is outside the task's label set "
-                         f"{list(task.labels)} (or ids 0-{len(task.labels) - 1}); fix the file or --task_name")
+        raise DataError(path, f"{where}label {text!r} is outside the task's label set {list(task.labels)} (or ids "
+                              f"0-{len(task.labels) - 1}); fix the file or --task_name", line)
     return as_int
 
 
-def read_glue_tsv(task, path, has_header=True):
-    """Read one file of the classic GLUE layout into normalized columns.
+def check_labelled(task, label, path, line=None, row=None):
+    """Training and validation rows need a label: found here, before any training, with the file and line."""
+    if label == -1:
+        where = "" if row is None else f"row {row}: "
+        raise DataError(path, f"{where}empty label; every training and validation row needs one (unlabelled rows "
+                              "belong in the test file)", line)
+    return label
+
+
+def read_glue_tsv(task, path, has_header=True, labelled=False):
+    """Read one file of the classic GLUE layout into normalized columns; `labelled`: every row needs a label.
 
     Quotes are literal text in GLUE (MRPC and MNLI rows contain unbalanced `"`), so csv quoting is off.
-    utf-8-sig drops MRPC's byte-order mark from its header."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    MRPC's header starts with a byte-order mark, which is dropped."""
+    text = read_text(path, "GLUE data file").removeprefix("\ufeff")
+    if not text.strip():
+        raise DataError(path, "the file is empty; download it again (classic download_glue_data.py layout)")
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if has_header:
-        header, rows = rows[0] if rows else [], rows[1:]
+        header, rows = rows[0], rows[1:]
     else:
         header = list(task.tsv_no_header)
     missing = [c for c in task.tsv_text if c not in header]
     if missing:
-        raise UsageError(f"{path}: no column {missing[0]!r} in the header {header}; "
-                         f"is this the {task.folder} file of the classic GLUE layout?")
+        raise DataError(path, f"no column {missing[0]!r} in the header {header}; "
+                              f"is this the {task.folder} file of the classic GLUE layout?", 1)
     text_cols = [header.index(c) for c in task.tsv_text]
     label_col = header.index(task.tsv_label) if task.tsv_label in header else None
+    if labelled and label_col is None:
+        raise DataError(path, f"no label column {task.tsv_label!r} in the header {header}", 1)
     id_col = next((header.index(c) for c in ("index", "id") if c in header), None)
     columns = {"sentence1": [], "label": [], "idx": []}
     if len(text_cols) == 2:
@@ -120,19 +144,19 @@ def read_glue_tsv(task, path, has_header=True):
         if not row:
             continue
         if len(row) < len(header):
-            raise UsageError(f"{path}:{line_no}: {len(row)} tab-separated fields, expected {len(header)}")
+            raise DataError(path, f"{len(row)} tab-separated fields, expected {len(header)}", line_no)
         columns["sentence1"].append(row[text_cols[0]])
         if len(text_cols) == 2:
             columns["sentence2"].append(row[text_cols[1]])
-        label = row[label_col] if label_col is not None else None
-        columns["label"].append(parse_label(task, label, f"{path}:{line_no}"))
+        label = parse_label(task, row[label_col] if label_col is not None else None, path, line_no)
+        columns["label"].append(check_labelled(task, label, path, line_no) if labelled else label)
         if id_col is not None and not row[id_col].strip().lstrip("-").isdigit():
-            raise UsageError(f"{path}:{line_no}: row id {row[id_col]!r} is not an integer")
+            raise DataError(path, f"row id {row[id_col]!r} is not an integer", line_no)
         columns["idx"].append(int(row[id_col]) if id_col is not None else len(columns["idx"]))
     return columns
 
 
-def load_glue_folder(task_name, glue_dir, splits):
+def load_glue_folder(task_name, glue_dir, splits, labelled=False):
     """Load splits of one task from a folder in the classic download_glue_data.py layout."""
     task = TASKS[task_name]
     files = MNLI_TSV_FILES if task_name == "mnli" else TSV_FILES
@@ -144,49 +168,76 @@ def load_glue_folder(task_name, glue_dir, splits):
                              f"(classic download_glue_data.py layout) or pass --{split.split('_')[0]}_file")
         # CoLA's train/dev files have no header line; its test file does.
         has_header = not (task.tsv_no_header and not split.startswith("test"))
-        out[split] = read_glue_tsv(task, path, has_header)
+        out[split] = read_glue_tsv(task, path, has_header, labelled)
     return out
 
 
-def load_local_file(task_name, path):
-    """Load a user's csv, json/jsonl or classic-layout tsv file for a task."""
+def read_rows(path, suffix):
+    """The rows of a user's csv or json/jsonl file as a pandas DataFrame of strings; bad files are DataErrors."""
     import pandas as pd
 
+    text = read_text(path, "data file")
+    if not text.strip():
+        raise DataError(path, "the file is empty")
+    if suffix == ".csv":
+        try:
+            return pd.read_csv(io.StringIO(text), keep_default_na=False, dtype=str)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise DataError(path, f"not a valid csv file ({one_line(e)})") from None
+    if text.lstrip().startswith("["):  # one JSON array of rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"not a valid JSON array of rows ({e.msg})", e.lineno) from None
+    else:  # JSON lines
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(path, f"not a JSON line ({e.msg}); expected one JSON object per line",
+                                    line_no) from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(path, "expected JSON objects (one per row)")
+    return pd.DataFrame.from_records(rows)
+
+
+def load_local_file(task_name, path, labelled=False):
+    """Load a user's csv, json/jsonl or classic-layout tsv file for a task."""
     task = TASKS[task_name]
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".tsv":
-        return read_glue_tsv(task, path, has_header=not task.tsv_no_header)
-    if suffix == ".csv":
-        frame = pd.read_csv(path, keep_default_na=False, dtype=str)
-    elif suffix in (".json", ".jsonl"):  # JSON lines, or one JSON array of rows
-        text = path.read_text(encoding="utf-8")
-        try:
-            rows = json.loads(text) if text.lstrip().startswith("[") else [
-                json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: not valid JSON lines or a JSON array of rows ({e})")
-        frame = pd.DataFrame.from_records(rows)
-    else:
+        return read_glue_tsv(task, path, not task.tsv_no_header, labelled)
+    if suffix not in (".csv", ".json", ".jsonl"):
         raise UsageError(f"{path}: unsupported file type {suffix!r}; use .csv, .json/.jsonl or a GLUE .tsv")
+    frame = read_rows(path, suffix)
     # Accept the Hub's column names, the classic GLUE names, or the generic sentence1/sentence2/sentence.
     for names in (task.hub_text, task.tsv_text, ("sentence1", "sentence2"), ("sentence",)):
         if all(n in frame.columns for n in names):
             text_names = names
             break
     else:
-        raise UsageError(f"{path}: needs text columns {list(task.hub_text)} (or sentence1/sentence2); "
-                         f"found {list(frame.columns)}")
+        raise DataError(path, f"needs text columns {list(task.hub_text)} (or sentence1/sentence2); "
+                              f"found {list(frame.columns)}")
     label_name = next((c for c in ("label", task.tsv_label) if c in frame.columns), None)
     id_name = next((c for c in ("idx", "index", "id") if c in frame.columns), None)
     columns = {"sentence1": frame[text_names[0]].astype(str).tolist()}
     if len(text_names) == 2:
         columns["sentence2"] = frame[text_names[1]].astype(str).tolist()
     labels = frame[label_name].tolist() if label_name else [None] * len(frame)
-    columns["label"] = [parse_label(task, v, f"{path}: row {i + 1}") for i, v in enumerate(labels)]
-    columns["idx"] = [int(v) for v in frame[id_name]] if id_name else list(range(len(frame)))
+    columns["label"] = []
+    for i, value in enumerate(labels):
+        label = parse_label(task, value, path, row=i + 1)
+        columns["label"].append(check_labelled(task, label, path, row=i + 1) if labelled else label)
+    ids = frame[id_name].tolist() if id_name else list(range(len(frame)))
+    bad = next((i for i, v in enumerate(ids) if not str(v).strip().lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise DataError(path, f"row {bad + 1}: row id {ids[bad]!r} is not an integer")
+    columns["idx"] = [int(v) for v in ids]
     return columns
 
 
@@ -217,10 +268,11 @@ def load_glue(task_name, kinds, train_file=None, validation_file=None, test_file
     glue_dir = glue_dir or os.environ.get("GLUE_DIR")
     columns = {}
     for kind in kinds:
+        labelled = kind != "test"  # found now, with file and line, not after training
         if files[kind]:
-            columns[kind] = load_local_file(task_name, files[kind])
+            columns[kind] = load_local_file(task_name, files[kind], labelled)
         elif glue_dir:
-            columns.update(load_glue_folder(task_name, glue_dir, split_names(task_name, kind)))
+            columns.update(load_glue_folder(task_name, glue_dir, split_names(task_name, kind), labelled))
         else:
             columns.update(load_hub(task_name, split_names(task_name, kind)))
     datasets = {}

@@ -3,6 +3,7 @@
 #   bash run.sh demo    # GLUE demo on the embedded MiniLM (LoRA, VeRA, RandLoRA)
 #   bash run.sh test    # the whole offline test suite
 #   bash run.sh bench   # adapter speed/memory benchmark against HF PEFT
+#   bash run.sh lint    # ruff (settings in pyproject.toml); CI runs it before the tests
 # Extra arguments are passed on to the job.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,5 +34,6 @@ case "$job" in
   demo)  exec bash train_all.sh demo "$@" ;;
   test)  exec python -m pytest -q tests "$@" ;;
   bench) exec python bench/bench_adapters.py "$@" ;;
-  *) echo "usage: bash run.sh demo|test|bench [args...]" >&2; exit 2 ;;
+  lint)  exec ruff check "$@" . ;;
+  *) echo "usage: bash run.sh demo|test|bench|lint [args...]" >&2; exit 2 ;;
 esac

