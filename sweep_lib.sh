@@ -9,6 +9,7 @@
 #   - sends everything a run prints to FOLDER/log.txt and prints one line per finished run (label, score, seconds),
 #     plus one sweep-level progress bar with an ETA (redrawn in place on a terminal);
 #   - keeps going when a run fails, and lists the failed runs at the end (SWEEP_FAILED).
+# Hooks (function names): SWEEP_BEFORE_RUN FOLDER (before a run starts), SWEEP_AFTER_RUN FOLDER (after it succeeded).
 # Needs bash >= 5.1 (wait -n -p).
 
 SWEEP_OUT=() SWEEP_LABEL=() SWEEP_NEEDS=() SWEEP_CMD=() SWEEP_FAILED=()
@@ -84,6 +85,7 @@ sweep_score() {  # the run's headline score ("accuracy 80.39"), or a non-zero ex
 sweep_start_run() {  # sweep_start_run INDEX SLOT: start in the background, everything it prints into its log
   local i=$1 slot=$2 out=${SWEEP_OUT[$1]}
   mkdir -p "$out"
+  [ -z "${SWEEP_BEFORE_RUN:-}" ] || "$SWEEP_BEFORE_RUN" "$out" >> "$out/log.txt" 2>&1
   {
     echo "=== $(date '+%F %T') ${SWEEP_LABEL[i]} (slot $slot: ${SWEEP_SLOT_ENV[slot]})"
     echo "=== ${SWEEP_CMD[i]}"

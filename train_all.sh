@@ -21,8 +21,9 @@
 #   MODELS TASKS SEEDS (1..N)
 #   ADAPTERS  method:rank:lr[:head_lr[:alpha]] items; method = full|lora|vera|randlora|peft-<method>; lr and head_lr
 #             may be per task, comma-separated: "vera:1024:sst2=4e-3,1e-2:4e-3"
-#   ALPHA (2r | r | a number, when a spec gives none)  TARGET_MODULES  ADAPTER_DROPOUT  WARMUP (ratio)
-#   WEIGHT_DECAY  ADAM_EPSILON  EPOCHS BATCH MAX_SEQ_LENGTH (per task allowed)  PAD_TO_MAX_LENGTH=1
+#   ALPHA (2r | r | a number, when a spec gives none)  TARGET_MODULES  ADAPTER_DROPOUT  WARMUP (ratio; empty:
+#   run_glue.py's RandLoRA schedule)  RANDLORA_SCALING (fork | peft)  WEIGHT_DECAY  ADAM_EPSILON
+#   EPOCHS BATCH MAX_SEQ_LENGTH (per task allowed)  PAD_TO_MAX_LENGTH (1 | 0)
 #   MAX_TRAIN_SAMPLES MAX_EVAL_SAMPLES (a number, and/or task=number items: "800 rte=300")
 #   RESULTS_DIR GLUE_DIR  NUM_PROCESSES (>1: accelerate launch --multi_gpu)  LAUNCHER  DEEPSPEED  KEEP_CHECKPOINTS=1
 set -euo pipefail
@@ -60,6 +61,7 @@ case "$preset" in
     : "${MODELS:=minilm}" "${TASKS:=sst2 stsb}" "${SEEDS:=1 2}"
     : "${ADAPTERS:=lora:8:2e-3:3e-3:16 vera:256:5e-2:1e-2 randlora:32:5e-4:5e-3:640}"
     : "${ALPHA:=2r}" "${TARGET_MODULES:=query value}" "${ADAPTER_DROPOUT:=0}" "${WARMUP:=0.06}"
+    : "${PAD_TO_MAX_LENGTH:=0}" "${RANDLORA_SCALING:=peft}"  # dynamic padding; scale alpha / r (20 for r32)
     : "${WEIGHT_DECAY:=0}" "${ADAM_EPSILON:=1e-8}"  # 1e-6 damps VeRA's small-gradient vectors (STS-B 0.36 vs 0.59)
     : "${EPOCHS:=1}" "${BATCH:=4}" "${MAX_SEQ_LENGTH:=64}" "${MAX_TRAIN_SAMPLES:=800}" "${MAX_EVAL_SAMPLES:=300}"
     : "${RESULTS_DIR:=finetuned_results/demo}" "${GLUE_DIR:=../shared/data/glue}" "${JOBS:=auto}"
@@ -73,6 +75,7 @@ case "$preset" in
     : "${MODELS:=minilm}" "${TASKS:=rte mrpc stsb cola}" "${SEEDS:=1 2 3}"
     : "${ADAPTERS:=full:0:1e-4 lora:8:2e-3:5e-3:8 peft-lora:8:2e-3:5e-3:8 vera:256:2e-2:5e-3 randlora:32:3e-4:5e-3:640}"
     : "${ALPHA:=r}" "${TARGET_MODULES:=query value}" "${ADAPTER_DROPOUT:=0}" "${WARMUP:=0.06}"
+    : "${PAD_TO_MAX_LENGTH:=0}" "${RANDLORA_SCALING:=peft}"
     : "${WEIGHT_DECAY:=0}" "${ADAM_EPSILON:=1e-8}"
     : "${EPOCHS:=3}" "${BATCH:=16}" "${MAX_SEQ_LENGTH:=128}" "${MAX_TRAIN_SAMPLES:=}" "${MAX_EVAL_SAMPLES:=}"
     : "${RESULTS_DIR:=finetuned_results/quality}"
@@ -84,17 +87,19 @@ case "$preset" in
     # RandLoRA's GLUE/train_all.sh, run for run: roberta-base then roberta-large, seeds 1-5, tasks in its order,
     # RandLoRA r64 (base) / r100 (large) lr 1e-4, LoRA r4 lr 1e-4, VeRA r256 lr 1e-2; seq 128, batch 64, 10 epochs,
     # --fp16 (on a GPU). Its run_glue.py's fixed settings made explicit: alpha 2r, targets query key value dense,
-    # dropout 0, the head trained at the adapter's lr, AdamW eps 1e-6 without weight decay, 6% linear warm-up,
-    # inputs padded to 128, resume from a checkpoint in the output folder. Reported as in its parse_results.py:
-    # mean over 5 seeds of the last epoch, numpy std (ddof 0). Paper: RandLoRA Table 4.
+    # dropout 0, the head trained at the adapter's lr, AdamW eps 1e-6 without weight decay, inputs padded to 128,
+    # RandLoRA's scale of its PEFT fork (alpha / r / sqrt(bases)); no warm-up flag, so run_glue.py builds RandLoRA's
+    # own schedule (linear, 6% warm-up over its step count); resume from a checkpoint in the output folder.
+    # Reported as in its parse_results.py: mean over 5 seeds of the last epoch, numpy std (ddof 0). Paper:
+    # RandLoRA Table 4.
     preset=randlora
     : "${MODELS:=FacebookAI/roberta-base FacebookAI/roberta-large}" "${TASKS:=sst2 mrpc cola qnli rte stsb}"
     : "${SEEDS:=1 2 3 4 5}" "${ADAPTERS:=}"
-    : "${ALPHA:=2r}" "${TARGET_MODULES:=query key value dense}" "${ADAPTER_DROPOUT:=0}" "${WARMUP:=0.06}"
-    : "${WEIGHT_DECAY:=0}" "${ADAM_EPSILON:=1e-6}" "${PAD_TO_MAX_LENGTH:=1}"
+    : "${ALPHA:=2r}" "${TARGET_MODULES:=query key value dense}" "${ADAPTER_DROPOUT:=0}" "${WARMUP=}"
+    : "${WEIGHT_DECAY:=0}" "${ADAM_EPSILON:=1e-6}" "${PAD_TO_MAX_LENGTH:=1}" "${RANDLORA_SCALING:=fork}"
     : "${EPOCHS:=10}" "${BATCH:=64}" "${MAX_SEQ_LENGTH:=128}" "${MAX_TRAIN_SAMPLES:=}" "${MAX_EVAL_SAMPLES:=}"
     : "${RESULTS_DIR:=finetuned_results}"
-    EXTRA=(--lr_scheduler_type linear)
+    EXTRA=()
     PARSE=(--paper randlora) ;;
   vera)
     # VeRA paper Table 2 (hyper-parameters: its Table 8): VeRA on query and value, r 1024 (base) / 256 (large),
@@ -104,8 +109,8 @@ case "$preset" in
     : "${SEEDS:=1 2 3 4 5}" "${ADAPTERS:=}"
     : "${ALPHA:=r}" "${TARGET_MODULES:=query value}" "${ADAPTER_DROPOUT:=0}" "${WARMUP:=0.06}"
     : "${WEIGHT_DECAY:=0}" "${ADAM_EPSILON:=1e-8}" "${MAX_TRAIN_SAMPLES:=}" "${MAX_EVAL_SAMPLES:=}"
-    : "${RESULTS_DIR:=finetuned_results/vera_paper}"
-    EXTRA=(--lr_scheduler_type linear)
+    : "${PAD_TO_MAX_LENGTH:=1}" "${RESULTS_DIR:=finetuned_results/vera_paper}"
+    EXTRA=(--lr_scheduler_type linear --eval_strategy epoch)  # every epoch evaluated: the paper takes the best
     PARSE=(--paper vera) ;;
   lora)
     # LoRA paper Table 2, RoBERTa-base (hyper-parameters: its Table 9 and microsoft/LoRA's roberta_base_*.sh):
@@ -118,8 +123,8 @@ case "$preset" in
     : "${WEIGHT_DECAY:=0.1}" "${ADAM_EPSILON:=1e-8}"
     : "${EPOCHS:=30 sst2=60 cola=80 qnli=25 qqp=25 rte=80 stsb=40}" "${BATCH:=16}" "${MAX_SEQ_LENGTH:=512}"
     : "${MAX_TRAIN_SAMPLES:=}" "${MAX_EVAL_SAMPLES:=}" "${RESULTS_DIR:=finetuned_results/lora_paper}"
-    : "${FROM_MNLI:=mrpc rte stsb}"
-    EXTRA=(--lr_scheduler_type linear)
+    : "${FROM_MNLI:=mrpc rte stsb}" "${PAD_TO_MAX_LENGTH:=1}"
+    EXTRA=(--lr_scheduler_type linear --eval_strategy epoch)  # every epoch evaluated: the paper takes the best
     PARSE=(--paper lora) ;;
   *) echo "usage: bash train_all.sh [demo|quality|randlora|vera|lora] [--jobs N] [--dry-run] [run_glue.py args...]" \
           "(see the header of this file)" >&2; exit 2 ;;
@@ -181,7 +186,7 @@ else launch=("$PY"); fi
 if [ -n "${GLUE_DIR:-}" ]; then export GLUE_DIR; fi
 common=(--do_train --do_eval --resume)
 if [ -n "${DEEPSPEED:-}" ]; then common+=(--deepspeed "$DEEPSPEED"); fi
-if [ "${PAD_TO_MAX_LENGTH:-0}" = 1 ]; then common+=(--pad_to_max_length); fi
+if [ "${PAD_TO_MAX_LENGTH:-0}" = 1 ]; then common+=(--pad_to_max_length true); else common+=(--pad_to_max_length false); fi
 if [ "$preset" != demo ] && [ "$preset" != quality ] && [ "$gpus" -gt 0 ]; then common+=(--fp16); fi
 
 read -r -a seeds <<< "$SEEDS"
@@ -205,15 +210,17 @@ add_run() {  # add_run MODEL SPEC SEED TASK
     run=(--adapter_name "$method" --adapter_impl "$impl" --rank "$rank" --adapter_alpha "$(alpha_for "$rank" "${alpha:-}")")
     read -r -a targets <<< "$TARGET_MODULES"
     run+=(--target_modules "${targets[@]}" --adapter_dropout "$ADAPTER_DROPOUT")
+    if [ "$method" = randlora ]; then run+=(--randlora_scaling "${RANDLORA_SCALING:-fork}"); fi
   fi
   root="$RESULTS_DIR/$name$(model_tag "$model")"
   out="$root/$seed/$task"
   if [ -z "${root_seen[$root]:-}" ]; then root_seen[$root]=1; roots+=("$root"); fi
   run=(--model_name_or_path "$model" --task_name "$task" "${run[@]}" --learning_rate "$lr" --head_lr "$head_lr"
        --num_train_epochs "$(per_task "$task" "$EPOCHS")" --per_device_train_batch_size "$(per_task "$task" "$BATCH")"
-       --max_seq_length "$(per_task "$task" "$MAX_SEQ_LENGTH")" --warmup_steps "$WARMUP"
+       --max_seq_length "$(per_task "$task" "$MAX_SEQ_LENGTH")"
        --weight_decay "$WEIGHT_DECAY" --adam_epsilon "$ADAM_EPSILON" --seed "$seed" --output_dir "$out"
        "${common[@]}")
+  if [ -n "${WARMUP:-}" ]; then run+=(--warmup_steps "$WARMUP"); fi  # empty: the script's own schedule
   cap=$(per_task "$task" "${MAX_TRAIN_SAMPLES:-}"); if [ -n "$cap" ]; then run+=(--max_train_samples "$cap"); fi
   cap=$(per_task "$task" "${MAX_EVAL_SAMPLES:-}"); if [ -n "$cap" ]; then run+=(--max_eval_samples "$cap"); fi
   if [[ " ${FROM_MNLI:-} " == *" $task "* ]] && [ "$method" != full ]; then
@@ -242,7 +249,13 @@ for model in $MODELS; do check_model "$model"; done
 keep_or_clean() {  # after a finished run: its checkpoints were only needed to resume it
   [ "${KEEP_CHECKPOINTS:-0}" = 1 ] || rm -rf "$1"/checkpoint-*
 }
-SWEEP_AFTER_RUN=keep_or_clean
+set_aside_unusable() {  # a result that is not usable (NaN, unreadable): kept for a look, out of the run's way
+  if [ -f "$1/eval_results.json" ]; then
+    mv "$1/eval_results.json" "$1/eval_results.unusable.json"
+    echo "=== $1/eval_results.json was not usable; moved to eval_results.unusable.json and the run started again"
+  fi
+}
+SWEEP_BEFORE_RUN=set_aside_unusable SWEEP_AFTER_RUN=keep_or_clean
 sweep_execute
 
 # ------------------------------------------------------------------------------------------------ the table

@@ -65,8 +65,10 @@ def test_no_argument_runs_randloras_grid_as_its_train_all_does(gpu):
         assert r["adapter_alpha"] == str(2 * int(r["rank"])) and r["head_lr"] == r["learning_rate"]
         assert r["target_modules"] == ["query", "key", "value", "dense"] and r["adapter_dropout"] == "0"
         assert (r["num_train_epochs"], r["per_device_train_batch_size"], r["max_seq_length"]) == ("10", "64", "128")
-        assert (r["warmup_steps"], r["weight_decay"], r["adam_epsilon"]) == ("0.06", "0", "1e-6")
-        assert r["pad_to_max_length"] is True and r["do_train"] is True and r["do_eval"] is True
+        assert (r["weight_decay"], r["adam_epsilon"], r["pad_to_max_length"]) == ("0", "1e-6", "true")
+        assert "warmup_steps" not in r and "lr_scheduler_type" not in r  # run_glue.py's RandLoRA schedule
+        assert r.get("randlora_scaling") == ("fork" if r["adapter_name"] == "randlora" else None)
+        assert r["do_train"] is True and r["do_eval"] is True
         assert r.get("fp16", False) is gpu  # --fp16 only where a GPU is present
     if not gpu:
         assert dry_run("paper", **env) == runs and dry_run("randlora", **env) == runs
@@ -83,6 +85,7 @@ def test_vera_and_lora_presets_follow_their_papers():
                                                                                                     "2e-3")
     assert (large["per_device_train_batch_size"], large["max_seq_length"]) == ("32", "128")
     assert base["target_modules"] == ["query", "value"] and base["output_dir"].endswith("vera1024/5/rte")
+    assert base["eval_strategy"] == "epoch" and base["warmup_steps"] == "0.06"  # best epoch; 6% warm-up
 
     lora = dry_run("lora")
     assert len(lora) == 40 and [r["task_name"] for r in lora[:8]] == ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp",
@@ -97,6 +100,7 @@ def test_vera_and_lora_presets_follow_their_papers():
     assert (r["rank"], r["adapter_alpha"], r["per_device_train_batch_size"], r["max_seq_length"]) == ("8", "16", "16",
                                                                                                       "512")
     assert (r["weight_decay"], r["warmup_steps"], r["target_modules"]) == ("0.1", "0.06", ["query", "value"])
+    assert r["eval_strategy"] == "epoch" and r["pad_to_max_length"] == "true"
 
 
 def test_the_grid_stops_at_once_when_roberta_cannot_be_loaded(tmp_path):
@@ -144,7 +148,8 @@ def test_parallel_sweep_survives_a_failing_run_reruns_an_unusable_one_and_restar
     assert "4 runs to do (0 already finished), 2 at once on CPU" in out
     done = re.findall(r"^\[\d/4\] rte lora4 seed (\d): accuracy (\d+\.\d\d)  \d+s$", out, re.M)
     assert sorted(seed for seed, _ in done) == ["1", "2"]
-    assert len(re.findall(r"^\[\d/4\] rte bogus4 seed \d: FAILED after \d+s \(exit 2: error: .*bogus", out, re.M)) == 2
+    failed = r"^\[\d/4\] rte bogus4 seed \d: FAILED after \d+s \(exit 2: .*error: .*bogus"
+    assert len(re.findall(failed, out, re.M)) == 2
     assert "error: 2 runs failed" in first.stderr
     # the table (and chart) still come, with the failed method's column empty
     table = out[out.index("\ntask ") + 1:].splitlines()
