@@ -10,12 +10,16 @@ completions), `.txt` in LoRA's `mr||ref` line format, and `.jsonl` with `context
 Tokenisation is left to the scripts (the model's own tokenizer).
 """
 import csv
+import io
 import json
 import re
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import UsageError, atomic_write_text, run_main
+from common import DataError, UsageError, atomic_write_text, check_not_input, read_json_lines, read_text, run_main
 
 # microsoft/LoRA's E2E files spell three MR keys differently from the official CSVs.
 LORA_KEY_NAMES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
@@ -36,50 +40,76 @@ def mr_to_lora_format(mr):
 
 
 def read_e2e_csv(path, mr_format="lora"):
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        columns = {c.lower().lstrip("\ufeff"): c for c in (reader.fieldnames or [])}
+    """Rows of an official E2E CSV. Strict quoting: a quoted field cut off by the end of the file is an error, not a
+    short reference."""
+    reader = csv.reader(io.StringIO(read_text(path, "E2E CSV"), newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        columns = {c.lower().lstrip("\ufeff").strip(): i for i, c in enumerate(header or [])}
         if "mr" not in columns:
-            raise UsageError(f"{path}: no `mr` column (found {reader.fieldnames}); expected the official E2E CSV")
+            raise DataError(path, f"no `mr` column (found {header}); expected the official E2E CSV", 1)
         rows = []
-        for row in reader:
-            mr = _clean(row[columns["mr"]])
-            context = mr_to_lora_format(mr) if mr_format == "lora" else mr
-            rows.append({"context": context, "completion": _clean(row[columns["ref"]]) if "ref" in columns else ""})
+        for record in reader:
+            if not record:
+                continue
+            if len(record) != len(header):
+                raise DataError(path, f"{len(record)} fields where the header has {len(header)}; "
+                                "check the quoting of this record", reader.line_num)
+            mr = _clean(record[columns["mr"]])
+            try:
+                context = mr_to_lora_format(mr) if mr_format == "lora" else mr
+            except UsageError as e:
+                raise DataError(path, str(e), reader.line_num) from None
+            completion = _clean(record[columns["ref"]]) if "ref" in columns else ""
+            rows.append({"context": context, "completion": completion})
+    except csv.Error as e:
+        raise DataError(path, f"malformed CSV ({e}; a quoted field is not closed?); fix or re-download the file",
+                        reader.line_num) from None
     return rows
 
 
 def read_lora_txt(path):
     rows = []
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(read_text(path, "LoRA-format text file").splitlines(), start=1):
         if not line.strip():
             continue
         if "||" not in line:
-            raise UsageError(f"{path}:{line_no}: no `||` between meaning representation and reference; "
-                             "expected microsoft/LoRA's `mr||reference` lines")
+            raise DataError(path, "no `||` between meaning representation and reference; expected "
+                            "microsoft/LoRA's `mr||reference` lines", line_no)
         mr, ref = line.split("||", 1)
         rows.append({"context": _clean(mr), "completion": _clean(ref)})
     return rows
 
 
-def read_json_lines(path, required, what):
-    """Yield the JSON objects of a JSON-lines file; a bad line stops with `path:line: ...` naming `what` it expects."""
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{line_no}: not valid JSON ({e.msg}); expected {what}") from None
-        if not isinstance(row, dict) or any(k not in row for k in required):
-            raise UsageError(f"{path}:{line_no}: needs {' and '.join(f'`{k}`' for k in required)} fields; "
-                             f"expected {what}")
-        yield row
+def _token_ids(value):
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
 
 def read_jsonl(path):
-    return [{"context": row["context"], "completion": row.get("completion", "")}
-            for row in read_json_lines(path, ["context"], "objects with `context` and `completion` fields")]
+    """Text rows ({"context": str, "completion": str}) or microsoft/LoRA token-id rows (gpt2_encode.py output:
+    {"context": [ids], "completion": [ids]}); one kind per file."""
+    rows, kind = [], None
+    for line_no, obj in read_json_lines(path, "JSON-lines data file"):
+        if "context" not in obj:
+            raise DataError(path, "needs a `context` field; expected {\"context\", \"completion\"} objects", line_no)
+        context, completion = obj["context"], obj.get("completion", [] if isinstance(obj["context"], list) else "")
+        if isinstance(context, str) and isinstance(completion, str):
+            row_kind = "text"
+        elif _token_ids(context) and _token_ids(completion):
+            row_kind = "tokens"
+        else:
+            raise DataError(path, "`context` and `completion` must both be text or both lists of token ids "
+                            "(gpt2_encode.py output)", line_no)
+        if kind not in (None, row_kind):
+            raise DataError(path, f"{row_kind} row in a file of {kind} rows; use one kind per file", line_no)
+        kind = row_kind
+        rows.append({"context": context, "completion": completion})
+    return rows
+
+
+def is_token_data(rows):
+    """True for microsoft/LoRA token-id rows (already tokenised, with its separators)."""
+    return bool(rows) and isinstance(rows[0]["context"], list)
 
 
 def load_e2e(path, mr_format="lora"):
@@ -102,11 +132,19 @@ def load_e2e(path, mr_format="lora"):
     return rows
 
 
+def check_limit(value, flag):
+    """A --max_*examples value: None (all) or a positive count."""
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} {value}: give a positive number of examples, or leave it out for all")
+    return value
+
+
 def group_references(rows):
     """Distinct contexts in order of first appearance, and the references of each (the multi-reference test set)."""
     refs = {}
     for row in rows:
-        refs.setdefault(row["context"], []).append(row["completion"])
+        key = tuple(row["context"]) if isinstance(row["context"], list) else row["context"]
+        refs.setdefault(key, []).append(row["completion"])
     return list(refs), refs
 
 
@@ -122,9 +160,20 @@ def completion_ids(tokenizer, completion):
 
 
 def load_tokenizer(name_or_path):
+    """A tokenizer from a Hub name or folder; a folder with only OpenAI's `encoder.json` + `vocab.bpe` (what
+    microsoft/LoRA's --vocab names) is read as the same GPT-2 BPE."""
     from transformers import AutoTokenizer
+    folder = Path(str(name_or_path))
+    openai_only = (folder / "encoder.json").is_file() and (folder / "vocab.bpe").is_file() and not any(
+        (folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if openai_only:  # the same two files under Hugging Face's names
+            with tempfile.TemporaryDirectory(prefix="gpt2-vocab-") as tmp:
+                shutil.copy(folder / "encoder.json", Path(tmp) / "vocab.json")
+                shutil.copy(folder / "vocab.bpe", Path(tmp) / "merges.txt")
+                tokenizer = AutoTokenizer.from_pretrained(tmp, tokenizer_type="gpt2")
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load a tokenizer from {name_or_path!r} ({str(e).splitlines()[0]}); "
                          "pass --tokenizer_name, e.g. ../shared/data/gpt2_vocab") from None
@@ -155,9 +204,11 @@ class ConvertArguments:
                 "'original' keeps `name[X], eatType[Y]`", "choices": ["lora", "original"]})
 
 
-def main():
+def main(argv=None):
     from transformers import HfArgumentParser
-    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    (args,) = HfArgumentParser(ConvertArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
+    check_not_input(args.output, args.input)
     rows = load_e2e(args.input, args.mr_format)
     write_jsonl(rows, args.output)
     contexts, _ = group_references(rows)

@@ -16,6 +16,11 @@ line; a file without blank lines holds one reference per instance) and a predict
 instance, same order) -- the two files gpt2_decode.py writes.
 
     python e2e_eval.py --ref_file refs.txt --pred_file preds.txt --output_json scores.json
+    python e2e_eval.py e2e_ref.txt e2e_pred.txt -p         # measure_scores.py's command line, as microsoft/LoRA runs it
+
+`-p` (measure_scores.py's --python) computes BLEU and NIST as the official scorer's Python MTEval port does, which
+is how microsoft/LoRA's README scores E2E; its numbers differ slightly from the Perl script's (see port_bleu_nist).
+METEOR, ROUGE_L and CIDEr are the same either way.
 """
 import contextlib
 import math
@@ -29,11 +34,14 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from common import UsageError, atomic_write_json, run_main
+from common import UsageError, atomic_write_json, check_not_input, read_text, run_main
 
 METRICS = ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
+
+
+class JavaError(UsageError, RuntimeError):
+    """`java` is there but METEOR or the PTB tokenizer failed in it: one line, with the JVM's last words."""
 JAVA_MISSING = ("Java is needed for METEOR and the PTB tokenizer but `java` is not on PATH; install a Java runtime "
                 "(8 or newer), e.g. `sudo apt-get install -y default-jre-headless`, then run again")
 
@@ -41,14 +49,14 @@ JAVA_MISSING = ("Java is needed for METEOR and the PTB tokenizer but `java` is n
 # ----------------------------------------------------------------------------------------------------------------
 # Reading the two files exactly as measure_scores.py does (codecs-style line splitting, each line stripped).
 
-def read_predictions(path):
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+def read_predictions(path, what="prediction file"):
+    return [line.strip() for line in read_text(path, what).splitlines()]
 
 
 def read_references(path):
     """References grouped per instance: consecutive lines, groups separated by a blank line."""
     groups = [[]]
-    for line in read_predictions(path):
+    for line in read_predictions(path, "reference file"):
         if line:
             groups[-1].append(line)
         else:
@@ -169,6 +177,74 @@ def mteval_bleu_nist(references, predictions):
     return bleu, nist
 
 
+# measure_scores.py -p: BLEU and NIST by its Python port of MTEval (pymteval), which the LoRA paper's E2E numbers
+# used. It differs from the Perl script: Unicode lower-casing of n-grams, BLEU's zero counts floored at 1e-15
+# instead of MTEval's 1/2^k smoothing, NIST's length penalty against the sum of per-instance average reference
+# lengths, no special case for the word "0", and an empty text counted as one empty token.
+
+def port_tokenize(text):
+    """pymteval's tokenisation (no lower-casing here: it lower-cases n-grams)."""
+    text = text.replace("<skipped>", "")
+    text = re.sub(r"-\n", "", text).replace("\n", " ")
+    for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+        text = text.replace(entity, char)
+    text = _PUNCT.sub(r" \1 ", f" {text} ")
+    text = _PERIOD_COMMA_AFTER.sub(r"\1 \2 ", text)
+    text = _PERIOD_COMMA_BEFORE.sub(r" \1 \2", text)
+    text = _DIGIT_DASH.sub(r"\1 \2 ", text)
+    return re.sub(r"\s+", " ", text).strip().split(" ")
+
+
+def _port_counts(words, n):
+    return Counter(tuple(w.lower() for w in words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def port_bleu_nist(references, predictions):
+    """(BLEU, NIST) as measure_scores.py -p computes them."""
+    refs = [[port_tokenize(r) for r in group] for group in references]
+    hyps = [port_tokenize(p) for p in predictions]
+    bleu_hits, bleu_lens, closest = [0] * BLEU_ORDER, [0] * BLEU_ORDER, 0
+    ref_counts = [Counter() for _ in range(NIST_ORDER + 1)]  # order 0: total reference words
+    nist_hits = [Counter() for _ in range(NIST_ORDER)]
+    nist_lens, avg_ref_len = [0] * NIST_ORDER, 0.0
+    for group, hyp in zip(refs, hyps, strict=True):
+        for n in range(1, NIST_ORDER + 1):
+            merged = Counter()
+            for words in group:
+                merged |= _port_counts(words, n)
+            clipped = {g: min(c, merged[g]) for g, c in _port_counts(hyp, n).items() if merged[g]}
+            if n <= BLEU_ORDER:
+                bleu_hits[n - 1] += sum(clipped.values())
+                bleu_lens[n - 1] += len(hyp) - n + 1  # negative for short outputs, as in the port
+            nist_hits[n - 1].update(clipped)
+            nist_lens[n - 1] += len(hyp) - n + 1
+            for words in group:
+                ref_counts[n].update(_port_counts(words, n))
+        closest += len(min(group, key=lambda r: (abs(len(r) - len(hyp)), len(r))))
+        ref_counts[0][()] += sum(len(r) for r in group)
+        avg_ref_len += sum(len(r) for r in group) / len(group)
+
+    brevity = 1.0
+    if bleu_lens[0] <= closest:
+        brevity = math.exp(1.0 - closest / (bleu_lens[0] if bleu_lens[0] else 1e-5))
+    log_precision = sum(math.log(max(h, 1e-15) / max(n, 1e-9)) for h, n in zip(bleu_hits, bleu_lens, strict=True))
+    bleu = brevity * math.exp(log_precision / BLEU_ORDER)
+
+    def info(ngram):
+        return math.log(ref_counts[len(ngram) - 1][ngram[:-1]] / ref_counts[len(ngram)][ngram], 2)
+
+    nist = 0.0
+    for n in range(NIST_ORDER):
+        if nist_lens[n] == 0:  # the port divides by zero here
+            raise UsageError(f"the predictions hold no {n + 1}-grams in all (too short); NIST of measure_scores.py "
+                             "-p is undefined for them")
+        nist += sum(info(g) * c for g, c in nist_hits[n].items()) / nist_lens[n]
+    ratio = nist_lens[0] / avg_ref_len if avg_ref_len else 0.0
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    penalty = 1.0 if ratio >= 1 else 0.0 if ratio <= 0 else math.exp(-beta * math.log(ratio) ** 2)
+    return bleu, nist * penalty
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # MS-COCO caption metrics (pycocoevalcap): PTB tokenisation, METEOR (Java), ROUGE_L and CIDEr (Python).
 
@@ -188,8 +264,13 @@ def ptb_tokenize(sentences):
     with tempfile.TemporaryDirectory(prefix="e2e-ptb-") as tmp:
         text_file = Path(tmp) / "sentences.txt"
         text_file.write_bytes("\n".join(s.replace("\n", " ") for s in sentences).encode())
-        out = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
-                              "-lowerCase", str(text_file)], capture_output=True, check=True).stdout.decode()
+        proc = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", str(text_file)], capture_output=True)
+        if proc.returncode != 0:
+            said = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise JavaError(f"the PTB tokenizer failed in Java (exit {proc.returncode}: "
+                            f"{said[-1] if said else 'no message'}); check that `java -version` works (Java 8+)")
+        out = proc.stdout.decode()
     lines = out.split("\n")
     if len(lines) < len(sentences):
         raise RuntimeError(f"PTB tokenizer returned {len(lines)} lines for {len(sentences)} sentences")
@@ -234,7 +315,8 @@ class MeteorProcess:
         if not answers or not answers[-1].endswith(b"\n"):
             self.proc.kill()
             stderr = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
-            raise RuntimeError(f"METEOR failed: {stderr[-1] if stderr else 'the JVM exited without an answer'}")
+            raise JavaError(f"METEOR failed: {stderr[-1] if stderr else 'the JVM exited without an answer'}; check "
+                            "that `java -version` works (Java 8+) and that 2 GB of memory are free")
         return [a.decode().strip() for a in answers]
 
     def score(self, gts, res):
@@ -270,9 +352,11 @@ def _yield_cpu_to_meteor():
             pass
 
 
-def compute_scores(references, predictions, meteor=None):
+def compute_scores(references, predictions, meteor=None, mteval="perl"):
     """All five E2E metrics for per-instance reference lists and one prediction per instance. `meteor`: a
-    MeteorProcess the caller started earlier (and closes); by default one is started and closed here."""
+    MeteorProcess the caller started earlier (and closes); by default one is started and closed here. `mteval`:
+    "perl" (measure_scores.py's default) or "python" (its -p: the pymteval port's BLEU/NIST)."""
+    bleu_nist = {"perl": mteval_bleu_nist, "python": port_bleu_nist}[mteval]
     if len(references) != len(predictions):
         raise UsageError(f"{len(references)} reference groups but {len(predictions)} predictions; "
                          "the files must describe the same instances in the same order")
@@ -294,7 +378,7 @@ def compute_scores(references, predictions, meteor=None):
         def python_metrics():
             try:
                 _yield_cpu_to_meteor()
-                bleu, nist = mteval_bleu_nist(references, predictions)
+                bleu, nist = bleu_nist(references, predictions)
                 python_scores.update(BLEU=bleu, NIST=nist, **rouge_and_cider(gts, res))
             except BaseException as e:  # re-raised in the calling thread
                 python_scores["error"] = e
@@ -324,32 +408,57 @@ def format_scores(scores):
             "LoRA-paper style: " + "  ".join(f"{m} {paper[m]}" for m in METRICS))
 
 
-def score_files(ref_file, pred_file, output_json=None, meteor=None):
+def score_files(ref_file, pred_file, output_json=None, meteor=None, mteval="perl"):
     for path in (ref_file, pred_file):
         if not os.path.isfile(path):
             raise UsageError(f"file not found: {path}")
+    if output_json:
+        check_not_input(output_json, ref_file, pred_file)
     references, predictions = read_references(ref_file), read_predictions(pred_file)
-    scores = compute_scores(references, predictions, meteor)
+    scores = compute_scores(references, predictions, meteor, mteval)
     if output_json:
         atomic_write_json(output_json, {**scores, "paper_style": paper_style(scores), "instances": len(predictions),
-                                        "ref_file": str(ref_file), "pred_file": str(pred_file)})
+                                        "mteval": mteval, "ref_file": str(ref_file), "pred_file": str(pred_file)})
     return scores
 
 
 @dataclass
 class EvalArguments:
-    ref_file: str = field(metadata={"help": "References: one per line, instances separated by a blank line."})
-    pred_file: str = field(metadata={"help": "Predictions: one line per instance, same order."})
-    output_json: Optional[str] = field(default=None, metadata={"help": "Also write the scores here (JSON)."})
+    ref_file: str = field(metadata={"help": "References: one per line, instances separated by a blank line "
+                                            "(also the first positional argument, as measure_scores.py takes it)."})
+    pred_file: str = field(metadata={"help": "Predictions: one line per instance, same order (or 2nd positional)."})
+    output_json: str | None = field(default=None, metadata={"help": "Also write the scores here (JSON)."})
+    python: bool = field(default=False, metadata={
+        "aliases": ["-p"], "help": "BLEU/NIST by measure_scores.py's Python MTEval port (its -p), as the LoRA paper "
+                                   "scored E2E; default: its Perl MTEval"})
 
 
-def main():
+def positional_files(argv):
+    """measure_scores.py's command line `REF_FILE SYS_FILE [-p]` -> --ref_file/--pred_file."""
+    bare = [a for a in argv if not a.startswith("-")]
+    if "--ref_file" in argv or "--pred_file" in argv or not bare:
+        return argv
+    if len(bare) != 2:
+        raise UsageError(f"expected two files, references then predictions (measure_scores.py REF SYS), got {bare}")
+    flags = [a for a in argv if a.startswith("-")]
+    return ["--ref_file", bare[0], "--pred_file", bare[1], *flags]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     # METEOR's JVM is the slowest part: start it before anything else, so argument parsing and reading overlap it.
     meteor = MeteorProcess() if shutil.which("java") else None  # without Java, compute_scores says what to do
     with meteor or contextlib.nullcontext():
         from transformers import HfArgumentParser
-        (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses()
-        print(format_scores(score_files(args.ref_file, args.pred_file, args.output_json, meteor)))
+        if "--output_json" in argv:  # its value is not a positional file
+            i = argv.index("--output_json")
+            argv = [*positional_files(argv[:i] + argv[i + 2:]), *argv[i:i + 2]]
+        else:
+            argv = positional_files(argv)
+        parser = HfArgumentParser(EvalArguments, description=__doc__)
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        mteval = "python" if args.python else "perl"
+        print(format_scores(score_files(args.ref_file, args.pred_file, args.output_json, meteor, mteval)))
 
 
 if __name__ == "__main__":

@@ -4,20 +4,26 @@
         --valid_data ../shared/data/e2e/original/devset.csv --model_name_or_path gpt2-medium \
         --work_dir outputs/e2e --report_to tensorboard
     accelerate launch --num_processes 4 gpt2_ft.py ...        # data parallel (or a DeepSpeed accelerate config)
+    python -m torch.distributed.launch --nproc_per_node=1 gpt2_ft.py --train_data ./data/e2e/train.jsonl \
+        --model_card gpt2.md --init_checkpoint ./pretrained_checkpoints/gpt2-medium-pytorch_model.bin ...
+                                                              # microsoft/LoRA's command, as written
 
 Defaults are microsoft/LoRA's E2E recipe: LoRA r=4, alpha=32, dropout 0.1 on the q and v slices of c_attn,
-label smoothing 0.1, AdamW (lr 2e-4, betas 0.9/0.999, weight decay 0.01), linear schedule with 500 warmup steps,
-5 epochs, batch 8, sequences up to 512 tokens. `--adapter_name vera|randlora` adapt c_attn, c_fc and c_proj as
-the RandLoRA NLG scripts do; `--adapter_name none` fine-tunes every weight. Flags keep microsoft/LoRA's names.
+label smoothing 0.1, its AdamW (lr 2e-4, betas 0.9/0.999, weight decay 0.01, bias correction), linear schedule
+with 500 warm-up steps, 5 epochs, batch 8, sequences up to 512 tokens. `--adapter_name vera|randlora` adapt c_attn,
+c_fc and c_proj as the RandLoRA NLG scripts do; `--adapter_name none` fine-tunes every weight. microsoft/LoRA's
+flags and files work as in its gpt2_ft.py: token-id JSONL data (gpt2_encode.py output), --model_card,
+--init_checkpoint (the original GPT-2 pytorch_model.bin), --platform, --correct_bias, --local_rank, and
+model.<step>.pt checkpoints in loralib's layout (see gpt2_checkpoint.py).
 
-The story: read context/completion pairs -> tokenise as `context <|endoftext|> completion<|endoftext|>` ->
-load the model, add the adapter -> train with the loss on completion tokens only (label-smoothed) ->
-validation loss and perplexity every --eval_interval steps and at the end -> adapter-only checkpoints
-(work_dir/checkpoint-STEP, with optimizer, scheduler and RNG state for --resume) every --save_interval steps and
-at the end; the final adapter also goes to work_dir/final for gpt2_beam.py --init_checkpoint.
-train_results.json also records the training throughput (non-padding tokens per second, all processes, validation
-and checkpoints not counted) and the peak memory while training (GPU: the largest allocation peak of any process;
-CPU: peak RSS).
+The story: parse and check everything (data readable, work dir writable) -> read context/completion pairs
+(text, tokenised as `context <|endoftext|> completion<|endoftext|>`, or token ids as given) -> build the model and
+add the adapter; print the effective set-up in one line -> train with the loss on completion tokens only
+(label-smoothed; the LM head runs only where a label is) -> validation loss and perplexity every --eval_interval
+steps and at the end -> every --save_interval steps a resumable checkpoint (work_dir/checkpoint-STEP: adapter,
+optimizer, scheduler, RNG; written to a temporary folder and renamed, so --resume always finds a complete one) and
+a loralib-layout model.STEP.pt (adapter only; the whole model at the end of each epoch) -> the final adapter in
+work_dir/final and train_results.json (set-up, validation history, tokens/s, peak memory).
 """
 import contextlib
 import logging
@@ -25,10 +31,11 @@ import math
 import os
 import re
 import resource
+import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,30 +45,40 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
+import gpt2_checkpoint
 import peft_layers
-from common import UsageError, atomic_write_json, run_main
-from e2e_data import completion_ids, load_causal_lm, load_e2e, load_tokenizer, prompt_ids
+from common import UsageError, atomic_write_json, check_output_dir, dtype_from_flags, process_group_backend, run_main
+from e2e_data import check_limit, completion_ids, is_token_data, load_causal_lm, load_e2e, load_tokenizer, prompt_ids
+from legacy_adamw import LegacyAdamW
 
 logger = logging.getLogger("gpt2_ft")
 # The RandLoRA NLG scripts adapt every projection of GPT-2's blocks for VeRA and RandLoRA.
 ALL_PROJECTIONS = ["c_attn", "c_fc", "c_proj"]
 STATE_FILE = "training_state.pt"
+GPT2_EOS = 50256
 
 
 @dataclass
 class TrainArguments:
-    train_data: str = field(metadata={"help": "training data: .jsonl (context/completion), official E2E .csv or "
-                                              "LoRA-format .txt"})
-    valid_data: Optional[str] = field(default=None, metadata={"help": "validation data, same formats"})
-    model_name_or_path: str = field(default="gpt2-medium", metadata={"help": "causal LM: Hub name or folder"})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "default: --model_name_or_path"})
+    train_data: str = field(metadata={"help": "training data: .jsonl (text or gpt2_encode.py token ids), official "
+                                              "E2E .csv or LoRA-format .txt"})
+    valid_data: str | None = field(default=None, metadata={"help": "validation data, same formats"})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "causal LM: Hub name or folder (default: the --model_card's GPT-2, unless --init_checkpoint holds "
+                "the whole model)"})
+    model_card: str | None = field(default=None, metadata={
+        "help": "microsoft/LoRA's GPT-2 size: gpt2.sm, gpt2.md (default when nothing else names the model), gpt2.lg",
+        "choices": list(gpt2_checkpoint.MODEL_CARDS)})
+    init_checkpoint: str | None = field(default=None, metadata={
+        "help": "torch checkpoint to start from: the original GPT-2 pytorch_model.bin or a model.<step>.pt"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "default: the model's folder or name"})
     adapter_name: str = field(default="lora", metadata={
         "help": "adapter to train; 'none' fine-tunes every weight", "choices": ["lora", "vera", "randlora", "none"]})
-    target_modules: Optional[list[str]] = field(default=None, metadata={
+    target_modules: list[str] | None = field(default=None, metadata={
         "help": "layer-name suffixes to adapt (default: c_attn for LoRA -- its q and v slices --, "
                 "c_attn c_fc c_proj for VeRA/RandLoRA)"})
-    lora_dim: int = field(default=4, metadata={"help": "adapter rank r"})
-    lora_alpha: Optional[float] = field(default=None, metadata={
+    rank: int = field(default=4, metadata={"aliases": ["--lora_dim"], "help": "adapter rank r (alias --lora_dim)"})
+    lora_alpha: float | None = field(default=None, metadata={
         "help": "scale numerator (scale = alpha / r); default 32 for LoRA (the E2E recipe), peft_layers' 640 for "
                 "RandLoRA; VeRA ignores it"})
     lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter's input"})
@@ -72,29 +89,52 @@ class TrainArguments:
     clip: float = field(default=0.0, metadata={"help": "gradient-norm clipping (0: off)"})
     seq_len: int = field(default=512, metadata={"help": "longest training sequence in tokens (longer ones cut)"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (decoupled)"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_epislon: float = field(default=1e-6, metadata={"help": "AdamW epsilon (microsoft/LoRA's spelling)"})
+    correct_bias: bool = field(default=True, metadata={
+        "help": "AdamW bias correction (microsoft/LoRA's flag; on in its E2E recipe; --no_correct_bias turns it off)"})
     scheduler: str = field(default="linear", metadata={
         "help": "learning-rate schedule after warm-up", "choices": ["linear", "cosine", "constant_with_warmup"]})
     warmup_step: int = field(default=500, metadata={"help": "linear warm-up steps"})
     max_epoch: int = field(default=5, metadata={"help": "epochs"})
-    max_step: Optional[int] = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_step: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     log_interval: int = field(default=100, metadata={"help": "log the training loss every N steps"})
     eval_interval: int = field(default=2000, metadata={"help": "validate every N steps"})
     save_interval: int = field(default=1000, metadata={"help": "checkpoint every N steps"})
     work_dir: str = field(default="outputs/e2e", metadata={"help": "checkpoints, logs and results go here"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --work_dir"})
-    random_seed: int = field(default=110, metadata={"help": "seed for initialisation, data order and dropout"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint"})
+    seed: int = field(default=110, metadata={"aliases": ["--random_seed"],
+                                             "help": "seed for initialisation, data order and dropout"})
     mr_format: str = field(default="lora", metadata={
         "help": "CSV inputs: meaning-representation layout", "choices": ["lora", "original"]})
-    max_train_examples: Optional[int] = field(default=None, metadata={"help": "use only the first N training rows"})
-    max_valid_examples: Optional[int] = field(default=None, metadata={"help": "use only the first N validation rows"})
+    max_train_examples: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
+    max_valid_examples: int | None = field(default=None, metadata={"help": "use only the first N validation rows"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision"})
-    fp16: bool = field(default=False, metadata={"help": "float16 mixed precision"})
+    fp16: bool = field(default=False, metadata={"help": "float16 mixed precision (needs a GPU)"})
     report_to: str = field(default="none", metadata={"help": "log to TensorBoard in work_dir/runs",
                                                      "choices": ["none", "tensorboard"]})
+    platform: str = field(default="local", metadata={
+        "help": "microsoft/LoRA's launcher name; here the processes always come from the launcher's environment "
+                "(torch.distributed.launch, torchrun, accelerate)", "choices": ["local", "k8s", "philly", "azure"]})
+    local_rank: int = field(default=-1, metadata={
+                                                  "help": "set by torch.distributed.launch; read from LOCAL_RANK"})
+
+
+# microsoft/LoRA gpt2_ft.py's argparse defaults where this script follows its E2E recipe instead (said at start).
+LORA_ARGPARSE_DEFAULTS = {"rank": 0, "lora_alpha": 128, "lora_dropout": 0.0, "label_smooth": 0.0, "lr": 1e-5,
+                          "adam_beta2": 0.98, "correct_bias": False, "warmup_step": 0, "save_interval": 500,
+                          "seed": 10}
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    history: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,7 +143,10 @@ class TrainArguments:
 def encode(rows, tokenizer, seq_len, limit=None):
     examples = []
     for row in rows[:limit]:
-        prompt, target = prompt_ids(tokenizer, row["context"]), completion_ids(tokenizer, row["completion"])
+        if isinstance(row["context"], list):  # gpt2_encode.py --add_bos --add_eos output: separators included
+            prompt, target = row["context"], row["completion"]
+        else:
+            prompt, target = prompt_ids(tokenizer, row["context"]), completion_ids(tokenizer, row["completion"])
         input_ids = (prompt + target)[:seq_len]
         labels = ([-100] * len(prompt) + target)[:seq_len]
         if any(t != -100 for t in labels[1:]):  # something left to predict after the cut
@@ -112,6 +155,8 @@ def encode(rows, tokenizer, seq_len, limit=None):
 
 
 def make_collate(pad_id):
+    """Pads to the batch's longest sequence, and lists on the host which positions predict a label (so the step
+    needs no device-to-host sync to find them)."""
     def collate(batch):
         longest = max(len(b["input_ids"]) for b in batch)
         input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
@@ -121,12 +166,51 @@ def make_collate(pad_id):
             n = len(b["input_ids"])
             input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = (
                 torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1)
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        # Hidden state at (i, t) predicts token t + 1: keep the flat positions whose next token has a label.
+        next_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        label_index = (next_labels != -100).nonzero().squeeze(1)
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "label_index": label_index, "targets": next_labels[label_index], "tokens": attention_mask.sum()}
     return collate
 
 
+class _LabelPositions:
+    """Forward pre-hook on the LM head: only the hidden states that predict a label reach it. The logits (and
+    their float copy for the loss) are then (labelled tokens x vocab) instead of (all tokens x vocab)."""
+
+    def __init__(self):
+        self.index = None
+
+    def __call__(self, module, args):
+        if self.index is None:
+            return None
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.size(-1)).index_select(0, self.index), *args[1:])
+
+
+def _label_hook(model):
+    head = getattr(model, "module", model).get_output_embeddings()
+    if not hasattr(head, "_label_positions"):
+        head._label_positions = _LabelPositions()
+        head.register_forward_pre_hook(head._label_positions)
+    return head._label_positions
+
+
 def completion_loss(model, batch, label_smoothing):
-    """Mean next-token cross-entropy over completion tokens; also the token count."""
+    """Mean next-token cross-entropy over completion tokens (the LM head computed at those positions only); also
+    the token count."""
+    hook = _label_hook(model)
+    hook.index = batch["label_index"]
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        hook.index = None
+    loss = F.cross_entropy(logits.float(), batch["targets"], label_smoothing=label_smoothing)
+    return loss, batch["targets"].numel()
+
+
+def full_completion_loss(model, batch, label_smoothing):
+    """The same loss from logits at every position (the reference completion_loss is tested against)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
@@ -134,17 +218,31 @@ def completion_loss(model, batch, label_smoothing):
     return loss, (labels != -100).sum()
 
 
+@contextlib.contextmanager
+def eval_mode_unmerged(model):
+    """Dropout off without model.eval(): eval() merges the adapter into the base weights and train() subtracts it
+    again, which is not exact in floating point, so every validation would shift the frozen weights by rounding
+    and a resumed run (which reloads them untouched) would drift from an uninterrupted one."""
+    modes = [(m, m.training) for m in model.modules()]
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator):
     """Validation loss (no smoothing) averaged over all completion tokens of all processes, and perplexity."""
-    model.eval()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    for batch in loader:
-        loss, n = completion_loss(model, batch, 0.0)
-        total += loss.float() * n
-        count += n
+    with eval_mode_unmerged(model):
+        for batch in loader:
+            loss, n = completion_loss(model, batch, 0.0)
+            total += loss.float() * n
+            count += n
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-    model.train()
     avg = (total / count.clamp(min=1)).item()
     return {"valid_loss": avg, "valid_ppl": math.exp(min(avg, 50))}
 
@@ -187,8 +285,8 @@ def reset_peak_memory():
 
 
 def peak_memory_gib(accelerator):
-    """Peak memory of the busiest process since reset_peak_memory(): CUDA's allocation peak on a GPU, else the
-    peak resident set size."""
+    """(peak GiB of the busiest process since reset_peak_memory(), what was measured): CUDA's allocation peak on a
+    GPU, else the peak resident set size."""
     if torch.cuda.is_available():
         peak, kind = torch.cuda.max_memory_allocated(accelerator.device), "cuda_max_memory_allocated"
     else:
@@ -199,25 +297,39 @@ def peak_memory_gib(accelerator):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: adapter (or full weights) as safetensors, small training state through torch.save and
-# torch.load(weights_only=True).
+# torch.load(weights_only=True). Each is written into a temporary folder and renamed when complete.
 
 def save_checkpoint(path, model, optimizer, scheduler, state, adapter):
-    path.mkdir(parents=True, exist_ok=True)
-    if adapter:
-        peft_layers.save_adapter(model, path)
+    partial = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        if adapter:
+            peft_layers.save_adapter(model, partial)
+        else:
+            model.save_pretrained(partial)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        # Under DeepSpeed ZeRO each process holds only a slice of the optimizer state: it is not saved.
+        optim_state = optimizer.state_dict() if optimizer is not None else None
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng, **asdict(state)},
+                   partial / STATE_FILE)
+    except Exception:  # a failed write (full disk...) leaves nothing behind; a kill leaves the .partial folder
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if path.exists():  # a rerun reaching the same step: the old one goes only once the new one is complete
+        stale = path.with_name(f".{path.name}.stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        path.rename(stale)
+        partial.rename(path)
+        shutil.rmtree(stale)
     else:
-        model.save_pretrained(path)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    tmp = path / f"{STATE_FILE}.tmp"
-    # Under DeepSpeed ZeRO each process holds only a slice of the optimizer state: it is not saved.
-    optim_state = optimizer.state_dict() if optimizer is not None else None
-    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng, **state}, tmp)
-    os.replace(tmp, path / STATE_FILE)
+        partial.rename(path)
 
 
 def latest_checkpoint(work_dir):
+    """The newest complete checkpoint (folders still being written carry a `.partial` name)."""
     found = [(int(m.group(1)), p) for p in Path(work_dir).glob("checkpoint-*")
              if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / STATE_FILE).exists()]
     return max(found)[1] if found else None
@@ -228,171 +340,332 @@ def load_checkpoint(path, model, optimizer, scheduler, adapter):
         peft_layers.load_adapter(model, path)
     else:
         model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    if state["optimizer"] is not None and optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    if saved["optimizer"] is not None and optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     else:
         logger.warning("%s holds no optimizer state (DeepSpeed run): AdamW moments restart", path)
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
 
 
-def main():
-    (args,) = HfArgumentParser(TrainArguments).parse_args_into_dataclasses()
-    if args.bf16 and args.fp16:
-        raise UsageError("choose one of --bf16 and --fp16")
-    if min(args.train_batch_size, args.valid_batch_size, args.grad_acc, args.lora_dim) < 1:
-        raise UsageError("--train_batch_size, --valid_batch_size, --grad_acc and --lora_dim must be at least 1")
-    work_dir = Path(args.work_dir)
+# ---------------------------------------------------------------------------------------------------------------
+# Phases
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = HfArgumentParser(TrainArguments, description=__doc__)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    dtype_from_flags(args.bf16, args.fp16)  # both at once, or --fp16 without a GPU: one clear line
+    if min(args.train_batch_size, args.valid_batch_size, args.grad_acc, args.rank, args.seq_len, args.max_epoch,
+           args.log_interval, args.eval_interval, args.save_interval) < 1:
+        raise UsageError("--train_batch_size, --valid_batch_size, --grad_acc, --rank/--lora_dim, --seq_len, "
+                         "--max_epoch and the --*_interval flags must be at least 1")
+    if args.max_step is not None and args.max_step < 1:
+        raise UsageError(f"--max_step {args.max_step}: give a positive number of steps, or leave it out")
+    if args.warmup_step < 0 or not 0 <= args.lora_dropout < 1 or not 0 <= args.label_smooth < 1:
+        raise UsageError("--warmup_step must be >= 0, --lora_dropout and --label_smooth in [0, 1)")
+    check_limit(args.max_train_examples, "--max_train_examples")
+    check_limit(args.max_valid_examples, "--max_valid_examples")
+    spelled = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    spelled |= {"rank"} if "lora_dim" in spelled else set()
+    spelled |= {"seed"} if "random_seed" in spelled else set()
+    spelled |= {"correct_bias"} if "no_correct_bias" in spelled else set()
+    return args, spelled
+
+
+def make_accelerator(args):
     # DeepSpeed and DDP on CPU need gloo; GPUs keep NCCL.
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend=process_group_backend())] if distributed else []
     accelerator = Accelerator(
         gradient_accumulation_steps=args.grad_acc,
         mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
-        log_with="tensorboard" if args.report_to == "tensorboard" else None, project_dir=str(work_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [])
+        log_with="tensorboard" if args.report_to == "tensorboard" else None, project_dir=args.work_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), kwargs_handlers=handlers)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    set_seed(args.random_seed)
+                        format="%(asctime)s %(name)s: %(message)s", force=True)
+    return accelerator
 
-    # ---- data
-    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
-    train_set = encode(load_e2e(args.train_data, args.mr_format), tokenizer, args.seq_len, args.max_train_examples)
-    valid_set = (encode(load_e2e(args.valid_data, args.mr_format), tokenizer, args.seq_len, args.max_valid_examples)
-                 if args.valid_data else [])
-    if not train_set:
-        raise UsageError(f"no training example fits in --seq_len {args.seq_len}")
-    collate = make_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    train_loader = DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(args.random_seed))
-    # Its own generator keeps validation from drawing on the global RNG, so --resume continues exactly.
-    valid_loader = (DataLoader(valid_set, batch_size=args.valid_batch_size, collate_fn=collate,
-                               generator=torch.Generator()) if valid_set else None)
 
-    # ---- model and adapter
-    model = load_causal_lm(args.model_name_or_path)
+def load_data(args):
+    """(train rows, valid rows): read and checked before any model is loaded."""
+    train_rows = load_e2e(args.train_data, args.mr_format)
+    valid_rows = load_e2e(args.valid_data, args.mr_format) if args.valid_data else []
+    if valid_rows and is_token_data(valid_rows) != is_token_data(train_rows):
+        raise UsageError("--train_data and --valid_data must both be text or both token ids")
+    return train_rows, valid_rows
+
+
+def model_source(args):
+    """Where the model (and by default the tokenizer) comes from, before anything heavy is loaded."""
+    if args.init_checkpoint:
+        folder = Path(args.init_checkpoint).parent
+        return args.model_name_or_path or (str(folder) if (folder / "tokenizer.json").exists() else "gpt2")
+    return args.model_name_or_path or gpt2_checkpoint.card_hub_name(args.model_card or "gpt2.md")
+
+
+def load_model(args):
+    """(model, LoRA tensors from --init_checkpoint to load once the adapter exists)."""
+    lora, base = {}, {}
+    if args.init_checkpoint:
+        base, lora = gpt2_checkpoint.split_state_dict(gpt2_checkpoint.read_state_dict(args.init_checkpoint))
+    if not base:
+        name = args.model_name_or_path or gpt2_checkpoint.card_hub_name(args.model_card or "gpt2.md")
+        return load_causal_lm(name), lora
+    if args.model_name_or_path:
+        raise UsageError(f"--init_checkpoint {args.init_checkpoint} holds a whole model: leave out "
+                         "--model_name_or_path, or give an adapter-only checkpoint")
+    config = gpt2_checkpoint.gpt2_config(args.init_checkpoint, base, args.model_card)
+    return gpt2_checkpoint.build_gpt2(config, base, args.init_checkpoint), lora
+
+
+def add_adapter(args, model, lora):
+    """Apply the adapter (and load --init_checkpoint's LoRA tensors); returns the set-up as a dict."""
     adapter = args.adapter_name != "none"
+    alpha, targets = None, ["all weights"]
     if adapter:
         targets = args.target_modules or (None if args.adapter_name == "lora" else ALL_PROJECTIONS)
         alpha = args.lora_alpha if args.lora_alpha is not None else 32 if args.adapter_name == "lora" else None
-        peft_layers.apply_adapter(model, args.adapter_name, args.lora_dim, alpha, targets, args.lora_dropout,
-                                  seed=args.random_seed)
+        peft_layers.apply_adapter(model, args.adapter_name, args.rank, alpha, targets, args.lora_dropout,
+                                  seed=args.seed)
+        alpha = model.peft_layers_config["alpha"]
+        targets = model.peft_layers_config["target_modules"]
+        if args.adapter_name == "lora" and "c_attn" in targets:
+            targets = [t + " (q,v slices)" if t == "c_attn" else t for t in targets]
+    if lora:
+        if args.adapter_name != "lora":
+            raise UsageError(f"--init_checkpoint holds LoRA tensors but --adapter_name is {args.adapter_name}")
+        gpt2_checkpoint.load_lora_tensors(model, lora, args.init_checkpoint)
     trainable, total = peft_layers.trainable_parameters(model)
-    logger.info("%s: %d trainable of %d parameters (%.3f%%)", args.adapter_name, trainable, total,
-                100 * trainable / total)
-    model.train()
+    scale = {"lora": alpha / args.rank if alpha else None, "vera": 1.0,
+             "randlora": alpha / args.rank if alpha else None}.get(args.adapter_name)
+    return {"method": args.adapter_name, "rank": args.rank if adapter else None, "alpha": alpha, "scaling": scale,
+            "targets": targets, "dropout": args.lora_dropout if adapter else None, "trainable_params": trainable,
+            "total_params": total}
 
-    # ---- optimizer and schedule (microsoft/LoRA: AdamW with decoupled weight decay on every trainable tensor)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epislon,
-                                  weight_decay=args.weight_decay)
+
+def build_training(args, accelerator, model, train_set, valid_set, pad_id):
+    collate = make_collate(pad_id)
+    train_loader = DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+                              generator=torch.Generator().manual_seed(args.seed))
+    # Its own generator keeps validation from drawing on the global RNG, so --resume continues exactly.
+    valid_loader = (DataLoader(valid_set, batch_size=args.valid_batch_size, collate_fn=collate,
+                               generator=torch.Generator()) if valid_set else None)
+    # microsoft/LoRA's AdamW (decoupled weight decay on every trainable tensor, optional bias correction).
+    optimizer = LegacyAdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epislon,
+                            weight_decay=args.weight_decay, correct_bias=args.correct_bias)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.grad_acc)
     max_step = min(args.max_step or math.inf, steps_per_epoch * args.max_epoch)
     # accelerate steps a prepared scheduler once per process at every optimizer step, hence the factor.
     scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=args.warmup_step * accelerator.num_processes,
                               num_training_steps=max_step * accelerator.num_processes)
-    model, optimizer, train_loader, valid_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, valid_loader, scheduler)
+    return (*accelerator.prepare(model, optimizer, train_loader, valid_loader, scheduler), max_step)
 
-    step, epoch, batches_done = 0, 0, 0
-    history = []
-    full_optimizer = optimizer if accelerator.distributed_type != DistributedType.DEEPSPEED else None
-    if args.resume:
-        ckpt = latest_checkpoint(work_dir)
+
+def describe(args, setup, max_step, accelerator, spelled):
+    """The one start line (and the note about defaults that differ from microsoft/LoRA's gpt2_ft.py)."""
+    setup.update(warmup_steps=args.warmup_step, schedule=args.scheduler, max_step=max_step, lr=args.lr,
+                 optimizer=f"AdamW betas ({args.adam_beta1}, {args.adam_beta2}) eps {args.adam_epislon} weight "
+                           f"decay {args.weight_decay} bias correction {'on' if args.correct_bias else 'off'}",
+                 label_smooth=args.label_smooth, batch=f"{args.train_batch_size} x grad_acc {args.grad_acc} x "
+                                                       f"{accelerator.num_processes} process(es)", seed=args.seed)
+    line = ("setup: " + (f"{setup['method']} r={setup['rank']} alpha={setup['alpha']:g} scaling={setup['scaling']:g} "
+                         if setup["rank"] and setup["scaling"] is not None else f"{setup['method']} ")
+            + f"targets={','.join(setup['targets'])} dropout={setup['dropout']} trainable="
+              f"{setup['trainable_params']:,}/{setup['total_params']:,} warm-up={args.warmup_step} steps "
+              f"({args.scheduler}, {max_step} steps) lr={args.lr:g} {setup['optimizer']} "
+              f"label_smooth={args.label_smooth} batch={setup['batch']} seed={args.seed}")
+    if accelerator.is_main_process:
+        print(line, flush=True)
+        used = {k: setup["alpha"] if k == "lora_alpha" else getattr(args, k) for k in LORA_ARGPARSE_DEFAULTS}
+        if setup["rank"] is None:  # full fine-tuning: no adapter flags apply
+            used.update(rank=None, lora_alpha=None, lora_dropout=None)
+        shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else f"{v:g}"  # noqa: E731
+        differ = [f"--{k} {shown(used[k])} (theirs {shown(v)})" for k, v in LORA_ARGPARSE_DEFAULTS.items()
+                  if k not in spelled and used[k] is not None and used[k] != v]
+        if differ:
+            print("note: not given on the command line, so the E2E recipe's values are used where microsoft/LoRA's "
+                  "gpt2_ft.py would take its argparse defaults: " + ", ".join(differ), flush=True)
+    return setup
+
+
+class Trainer:
+    """The loop, with the state and the two pauses (validation, checkpoint) it needs."""
+
+    def __init__(self, args, accelerator, model, optimizer, scheduler, train_loader, valid_loader, adapter,
+                 max_step):
+        self.args, self.acc, self.model, self.optimizer, self.scheduler = args, accelerator, model, optimizer, scheduler
+        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.adapter, self.max_step = adapter, max_step
+        self.work_dir = Path(args.work_dir)
+        self.state = TrainState()
+        self.full_optimizer = optimizer if accelerator.distributed_type != DistributedType.DEEPSPEED else None
+        self.timer = None
+
+    def resume(self):
+        ckpt = latest_checkpoint(self.work_dir)
         if ckpt is None:
-            logger.info("--resume: no checkpoint in %s, starting from scratch", work_dir)
-        else:
-            state = load_checkpoint(ckpt, accelerator.unwrap_model(model), full_optimizer, scheduler, adapter)
-            step, epoch, batches_done, history = state["step"], state["epoch"], state["batches_done"], state["history"]
-            logger.info("resumed from %s at step %d (epoch %d)", ckpt, step, epoch)
+            logger.info("--resume: no complete checkpoint in %s, starting from scratch", self.work_dir)
+            return
+        self.state = load_checkpoint(ckpt, self.acc.unwrap_model(self.model), self.full_optimizer, self.scheduler,
+                                     self.adapter)
+        logger.info("resumed from %s at step %d (epoch %d)", ckpt, self.state.step, self.state.epoch)
+
+    def paused(self):
+        return self.timer.paused() if self.timer else contextlib.nullcontext()
+
+    def checkpoint(self, whole_model=False):
+        with self.paused():
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:
+                unwrapped, step = self.acc.unwrap_model(self.model), self.state.step
+                save_checkpoint(self.work_dir / f"checkpoint-{step}", unwrapped, self.full_optimizer,
+                                self.scheduler, self.state, self.adapter)
+                gpt2_checkpoint.save_loralib_checkpoint(unwrapped, self.work_dir / f"model.{step}.pt",
+                                                        whole=whole_model or not self.adapter)
+            self.acc.wait_for_everyone()
+
+    def validate(self):
+        if self.valid_loader is None:
+            return
+        with self.paused():
+            metrics = evaluate(self.model, self.valid_loader, self.acc)
+            self.state.history.append({"step": self.state.step, **metrics})
+            logger.info("step %d: valid loss %.4f, ppl %.2f", self.state.step, metrics["valid_loss"],
+                        metrics["valid_ppl"])
+            self.acc.log(metrics, step=self.state.step)
+
+    def log(self, running, count):
+        """Reads the loss back from the device only here, every --log_interval steps."""
+        train_loss = (running / count).item()
+        lr = self.scheduler.get_last_lr()[0]
+        self.progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+        self.acc.log({"train_loss": train_loss, "lr": lr}, step=self.state.step)
+
+    def step(self, batch):
+        with self.acc.accumulate(self.model):
+            loss, _ = completion_loss(self.model, batch, self.args.label_smooth)
+            self.acc.backward(loss)
+            if self.args.clip > 0 and self.acc.sync_gradients:
+                self.acc.clip_grad_norm_(self.model.parameters(), self.args.clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return loss.detach()
+
+    def fit(self):
+        self.progress = tqdm(total=self.max_step, initial=self.state.step, desc="train",
+                             disable=not self.acc.is_local_main_process)
+        with self.progress:  # closed on an error too, so the error line starts a line of its own
+            tokens = self.loop()
+            train_s = self.timer.seconds()
+        return self.throughput(self.acc.reduce(tokens, "sum").item(), train_s)
+
+    def loop(self):
+        args, state = self.args, self.state
+        running, count = torch.zeros((), device=self.acc.device), 0
+        tokens = torch.zeros((), dtype=torch.long, device=self.acc.device)
+        reset_peak_memory()
+        self.timer = TrainTimer()
+        while state.step < self.max_step and state.epoch < args.max_epoch:
+            self.train_loader.set_epoch(state.epoch)  # same shuffle per epoch on every run, for --resume
+            loader = (self.acc.skip_first_batches(self.train_loader, state.batches_done) if state.batches_done
+                      else self.train_loader)
+            for batch in loader:
+                running += self.step(batch)
+                count += 1
+                tokens += batch["tokens"]
+                state.batches_done += 1
+                if not self.acc.sync_gradients:
+                    continue
+                state.step += 1
+                self.progress.update(1)
+                if state.step % args.log_interval == 0 or state.step == self.max_step:
+                    self.log(running, count)
+                    running, count = torch.zeros((), device=self.acc.device), 0
+                if state.step % args.eval_interval == 0 and state.step < self.max_step:
+                    self.validate()
+                if state.step % args.save_interval == 0 and state.step < self.max_step:
+                    self.checkpoint()
+                if state.step >= self.max_step:
+                    break
+            else:
+                state.epoch, state.batches_done = state.epoch + 1, 0
+                if state.step < self.max_step and state.epoch < args.max_epoch:
+                    self.checkpoint(whole_model=True)  # microsoft/LoRA: the whole model at each epoch's end
+        return tokens
+
+    def throughput(self, train_tokens, train_s):
+        out = {"train_tokens": train_tokens, "train_seconds": round(train_s, 3),
+               "tokens_per_second": round(train_tokens / train_s, 1) if train_s > 0 else None}
+        out["peak_memory_gib"], out["peak_memory_kind"] = peak_memory_gib(self.acc)
+        logger.info("trained %d tokens in %.1f s (%s tokens/s); peak memory %.2f GiB (%s)", train_tokens, train_s,
+                    out["tokens_per_second"], out["peak_memory_gib"], out["peak_memory_kind"])
+        return out
+
+    def finish(self, throughput, setup):
+        self.timer = None
+        self.validate()
+        self.checkpoint(whole_model=True)
+        if self.acc.is_main_process:
+            final = self.work_dir / "final"
+            unwrapped = self.acc.unwrap_model(self.model)
+            peft_layers.save_adapter(unwrapped, final) if self.adapter else unwrapped.save_pretrained(final)
+            history = self.state.history
+            atomic_write_json(self.work_dir / "train_results.json", {
+                "step": self.state.step, "epoch": self.state.epoch, "trainable_params": setup["trainable_params"],
+                "total_params": setup["total_params"], "final": str(final), **throughput,
+                **(history[-1] if history else {}), "history": history, "setup": setup, "args": asdict(self.args)})
+            logger.info("done: %d steps; adapter in %s", self.state.step, final)
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+
+
+def prepare_work_dir(args, accelerator, model):
+    """Writable now (not after hours of training), no half-written checkpoint left from a killed run, and the
+    model's config.json beside its model.<step>.pt files."""
+    work_dir = Path(args.work_dir)
+    if accelerator.is_main_process:
+        for leftover in [*work_dir.glob(".checkpoint-*.partial"), *work_dir.glob(".checkpoint-*.stale")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        gpt2_checkpoint.write_config(model, work_dir)
+    accelerator.wait_for_everyone()
+
+
+def main(argv=None):
+    args, spelled = parse_args(argv)
+    check_output_dir(args.work_dir, [args.train_data, args.valid_data, args.init_checkpoint])
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    train_rows, valid_rows = load_data(args)
+    tokenizer = None if is_token_data(train_rows) else load_tokenizer(args.tokenizer_name or model_source(args))
+    model, lora = load_model(args)
+    train_set = encode(train_rows, tokenizer, args.seq_len, args.max_train_examples)
+    valid_set = encode(valid_rows, tokenizer, args.seq_len, args.max_valid_examples)
+    if not train_set:
+        raise UsageError(f"no training example fits in --seq_len {args.seq_len}")
+    pad_id = GPT2_EOS if tokenizer is None else (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    prepare_work_dir(args, accelerator, model)
+    setup = add_adapter(args, model, lora)
+    model.train()
+    model, optimizer, train_loader, valid_loader, scheduler, max_step = build_training(
+        args, accelerator, model, train_set, valid_set, pad_id)
+    setup = describe(args, setup, max_step, accelerator, spelled)
+    trainer = Trainer(args, accelerator, model, optimizer, scheduler, train_loader, valid_loader,
+                      args.adapter_name != "none", max_step)
+    if args.resume:
+        trainer.resume()
     if args.report_to == "tensorboard":
         accelerator.init_trackers("gpt2_ft", {k: v for k, v in asdict(args).items() if v is not None
                                               and not isinstance(v, list)})
-
-    # Both run while the training timer (started before the loop) is paused.
-    def checkpoint():
-        with timer.paused():
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                state = {"step": step, "epoch": epoch, "batches_done": batches_done, "history": history}
-                save_checkpoint(work_dir / f"checkpoint-{step}", accelerator.unwrap_model(model), full_optimizer,
-                                scheduler, state, adapter)
-            accelerator.wait_for_everyone()
-
-    def validate():
-        if valid_loader is None:
-            return
-        with timer.paused():
-            metrics = evaluate(model, valid_loader, accelerator)
-            history.append({"step": step, **metrics})
-            logger.info("step %d: valid loss %.4f, ppl %.2f", step, metrics["valid_loss"], metrics["valid_ppl"])
-            accelerator.log(metrics, step=step)
-
-    # ---- train
-    progress = tqdm(total=max_step, initial=step, desc="train", disable=not accelerator.is_local_main_process)
-    running, running_n = 0.0, 0
-    train_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    reset_peak_memory()
-    timer = TrainTimer()
-    while step < max_step and epoch < args.max_epoch:
-        train_loader.set_epoch(epoch)  # same shuffle per epoch on every run, so --resume sees the same order
-        loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss, _ = completion_loss(model, batch, args.label_smooth)
-                accelerator.backward(loss)
-                if args.clip > 0 and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            batches_done += 1
-            train_tokens += batch["attention_mask"].sum()
-            running, running_n = running + loss.item(), running_n + 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if step % args.log_interval == 0 or step == max_step:
-                train_loss = running / running_n
-                progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                accelerator.log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
-                running, running_n = 0.0, 0
-            if step % args.eval_interval == 0 and step < max_step:
-                validate()
-            if step % args.save_interval == 0 and step < max_step:
-                checkpoint()
-            if step >= max_step:
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
-    train_s = timer.seconds()
-    progress.close()
-    train_tokens = accelerator.reduce(train_tokens, "sum").item()
-    throughput = {"train_tokens": train_tokens, "train_seconds": round(train_s, 3),
-                  "tokens_per_second": round(train_tokens / train_s, 1) if train_s > 0 else None}
-    throughput["peak_memory_gib"], throughput["peak_memory_kind"] = peak_memory_gib(accelerator)
-    logger.info("trained %d tokens in %.1f s (%s tokens/s); peak memory %.2f GiB (%s)", train_tokens, train_s,
-                throughput["tokens_per_second"], throughput["peak_memory_gib"], throughput["peak_memory_kind"])
-
-    # ---- end: validate, checkpoint, final adapter
-    validate()
-    checkpoint()
-    if accelerator.is_main_process:
-        final = work_dir / "final"
-        unwrapped = accelerator.unwrap_model(model)
-        peft_layers.save_adapter(unwrapped, final) if adapter else unwrapped.save_pretrained(final)
-        atomic_write_json(work_dir / "train_results.json", {
-            "step": step, "epoch": epoch, "trainable_params": trainable, "total_params": total,
-            "final": str(final), **throughput, **(history[-1] if history else {}), "history": history,
-            "args": asdict(args)})
-        logger.info("done: %d steps; adapter in %s", step, final)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    throughput = trainer.fit()
+    trainer.finish(throughput, setup)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -49,7 +48,7 @@ from common import DATA_DIR, UsageError, atomic_write_json, run_main  # noqa: E4
 
 @dataclass
 class BenchArguments:
-    what: str = field(default="decode", metadata={"choices": ["decode", "score", "train", "both"],
+    what: str = field(default="decode", metadata={"choices": ["decode", "score", "train", "step", "both"],
                                                   "help": "both = decode and score"})
     num_mrs: int = field(default=32, metadata={"help": "decode: distinct MRs of the E2E test set for gpt2_beam"})
     plain_mrs: int = field(default=8, metadata={"help": "decode: how many of them the (slow) plain loop decodes"})
@@ -57,12 +56,13 @@ class BenchArguments:
     batch_size: int = field(default=16)
     gen_tokens: int = field(default=32, metadata={"help": "decode: tokens generated per MR (min = max)"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
-    official_dir: Optional[str] = field(default=None, metadata={"help": "score: folder with measure_scores.py"})
+    official_dir: str | None = field(default=None, metadata={"help": "score: folder with measure_scores.py"})
     repeats: int = field(default=3, metadata={"help": "score: runs of each scorer, alternating which goes first; "
                                                       "medians are reported"})
     shape: str = field(default="medium", metadata={"help": "train: GPT-2 shape", "choices": ["small", "medium"]})
-    train_steps: Optional[int] = field(default=None, metadata={
+    train_steps: int | None = field(default=None, metadata={
         "help": "train: optimizer steps per run (default: one epoch of the E2E training set, 5,258 steps)"})
+    step_batches: int = field(default=3, metadata={"help": "step: E2E training batches of 8 (each --repeats times)"})
     output_dir: str = field(default=str(REPO / "bench" / "results"))
 
 
@@ -73,7 +73,8 @@ def load_average():
 def bench_decode(args):
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LogitsProcessorList
+
     import gpt2_beam
     from e2e_data import group_references, load_e2e, prompt_ids
 
@@ -84,11 +85,12 @@ def bench_decode(args):
     contexts, _ = group_references(load_e2e(DATA_DIR / "e2e" / "original" / "testset_w_refs.csv"))
     contexts = contexts[:args.num_mrs]
     beam_args = gpt2_beam.BeamArguments(data="", beam=args.beam, batch_size=args.batch_size,
-                                        eval_len=args.gen_tokens, min_length=args.gen_tokens)
+                                        eval_len=args.gen_tokens, min_length=args.gen_tokens, eos_token_id=[628])
+    eos_ids = gpt2_beam.end_tokens(beam_args, tokenizer)
     load_before = load_average()
 
     start = time.perf_counter()
-    batched = dict(gpt2_beam.decode_contexts(model, tokenizer, contexts, beam_args, "cpu"))
+    batched = {i: tokens for i, tokens, _ in gpt2_beam.decode_contexts(model, tokenizer, contexts, beam_args, "cpu")}
     batched_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -100,11 +102,12 @@ def bench_decode(args):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_tokens,
                                  min_new_tokens=args.gen_tokens, num_beams=args.beam,
                                  length_penalty=beam_args.length_penalty,
-                                 no_repeat_ngram_size=beam_args.no_repeat_ngram_size,
-                                 eos_token_id=beam_args.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                                 logits_processor=LogitsProcessorList([gpt2_beam.GeneratedNoRepeatNGram(
+                                     beam_args.no_repeat_ngram_size, ids.shape[1])]),
+                                 eos_token_id=eos_ids, pad_token_id=tokenizer.eos_token_id,
                                  do_sample=False)
             row = out[0, ids.shape[1]:].tolist()
-            end = next((j for j, t in enumerate(row) if t in beam_args.eos_token_id), len(row))
+            end = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
             plain[i] = row[:end]
     plain_s = time.perf_counter() - start
     return {
@@ -219,11 +222,60 @@ def bench_train(args):
     }
 
 
+def bench_step(args):
+    """One LoRA training step (forward, loss, backward, AdamW) with the LM head at every position against the
+    head at the labelled positions only (gpt2_ft.py's step), same model and batches, interleaved; CPU time."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    import gpt2_ft
+    import peft_layers
+    from e2e_data import load_e2e
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(DATA_DIR / "gpt2_vocab")
+    rows = load_e2e(DATA_DIR / "e2e" / "original" / "trainset.csv")[:8 * args.step_batches]
+    examples = gpt2_ft.encode(rows, tokenizer, 512)
+    collate = gpt2_ft.make_collate(tokenizer.eos_token_id)
+    batches = [collate(examples[i:i + 8]) for i in range(0, len(examples), 8)]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **GPT2_SHAPES[args.shape]))
+    peft_layers.apply_adapter(model, "lora", 4, 32, dropout=0.1)
+    model.train()
+    optimizer = gpt2_ft.LegacyAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ways = {"full_logits": gpt2_ft.full_completion_loss, "label_positions": gpt2_ft.completion_loss}
+    cpu = {name: 0.0 for name in ways}
+    peak_logits = {name: 0 for name in ways}
+    for repeat in range(args.repeats):
+        for batch in batches:
+            for name in (list(ways) if repeat % 2 == 0 else list(ways)[::-1]):  # alternate which goes first
+                start = time.process_time()
+                loss, _ = ways[name](model, batch, 0.1)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                cpu[name] += time.process_time() - start
+    for batch in batches:  # rows of vocabulary-wide logits each way computes (and keeps for backward)
+        peak_logits["full_logits"] += batch["input_ids"].numel()
+        peak_logits["label_positions"] += batch["targets"].numel()
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) * args.repeats
+    labelled = sum(b["targets"].numel() for b in batches) / sum(int(b["attention_mask"].sum()) for b in batches)
+    return {
+        "model": f"random GPT-2 {args.shape} shape ({GPT2_SHAPES[args.shape]}, vocab 50257), LoRA r4 on c_attn q,v",
+        "device": f"cpu, {args.threads} threads", "batches": len(batches), "repeats": args.repeats,
+        "labelled_token_fraction": round(labelled, 3),
+        **{f"{name}_cpu_tokens_per_second": round(tokens / cpu[name], 1) for name in ways},
+        "speedup_cpu_time": round(cpu["full_logits"] / cpu["label_positions"], 3),
+        **{f"{name}_lm_head_rows": peak_logits[name] for name in ways},
+        "load_average_1min": round(load_average(), 2),
+    }
+
+
 def main():
     from transformers import HfArgumentParser
-    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
-    for what, bench in (("decode", bench_decode), ("score", bench_score), ("train", bench_train)):
-        if args.what == what or (args.what == "both" and what != "train"):
+    (args,) = HfArgumentParser(BenchArguments, description=__doc__).parse_args_into_dataclasses()
+    for what, bench in (("decode", bench_decode), ("score", bench_score), ("train", bench_train),
+                        ("step", bench_step)):
+        if args.what == what or (args.what == "both" and what in ("decode", "score")):
             result = bench(args)
             atomic_write_json(Path(args.output_dir) / f"e2e_{what}.json", result)
             print(json.dumps(result, indent=2))

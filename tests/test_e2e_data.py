@@ -4,11 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DATA_DIR, REPO
 
 import e2e_eval
 import gpt2_decode
 from common import UsageError
-from conftest import DATA_DIR, REPO
 from e2e_data import group_references, load_e2e, mr_to_lora_format
 
 E2E = DATA_DIR / "e2e"

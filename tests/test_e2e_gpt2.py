@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from conftest import DATA_DIR, REPO, free_port
 from safetensors.torch import load_file
 
 import gpt2_beam
 import gpt2_ft
 import peft_layers
-from conftest import DATA_DIR, REPO, free_port
 from e2e_data import group_references, load_e2e
 
 DEVSET = DATA_DIR / "e2e" / "original" / "devset.csv"
@@ -22,8 +22,8 @@ DEVSET = DATA_DIR / "e2e" / "original" / "devset.csv"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, gpt2_tokenizer):
     """A saved tiny GPT-2 with its tokenizer, loadable by name like a real checkpoint folder."""
-    from transformers import GPT2LMHeadModel
     from conftest import tiny_gpt2_config
+    from transformers import GPT2LMHeadModel
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_gpt2")
     GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(path)
