@@ -161,19 +161,14 @@ def test_parallel_sweep_survives_a_failing_run_reruns_an_unusable_one_and_restar
         assert noise not in out
     log = (results / "lora4_bert" / "1" / "rte" / "log.txt").read_text()
     assert "eval results" in log and "run_glue.py" in log
-    results_1 = json.loads((results / "lora4_bert" / "1" / "rte" / "eval_results.json").read_text())
+    # the unusable result was set aside, not lost
+    assert json.loads((stale.parent / "eval_results.json").read_text())["eval_accuracy"] >= 0
+    assert (stale.parent / "eval_results.unusable.json").read_text() == '{"eval_accuracy": NaN}'
 
     again = tiny_sweep(tiny_bert_dir, results, jobs=1)
     assert again.returncode == 1
     assert "2 runs to do (2 already finished)" in again.stdout
     assert f"{results / 'lora4_bert' / '1' / 'rte'}: done, skipped (accuracy" in again.stdout
-
-    # the same run in a sequential sweep gives the same numbers (up to float noise: other thread counts)
-    alone = tiny_sweep(tiny_bert_dir, tmp_path / "seq", jobs=1, adapters="lora:4:1e-3", seeds="1")
-    assert alone.returncode == 0, alone.stdout + alone.stderr
-    results_seq = json.loads((tmp_path / "seq" / "lora4_bert" / "1" / "rte" / "eval_results.json").read_text())
-    assert results_seq["eval_accuracy"] == results_1["eval_accuracy"]
-    assert results_seq["eval_loss"] == pytest.approx(results_1["eval_loss"], abs=1e-5)
 
 
 def test_the_failure_summary_prints_even_when_the_table_cannot_be_made(tiny_bert_dir, tmp_path):
