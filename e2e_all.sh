@@ -128,7 +128,7 @@ add_run() {  # add_run SPEC SEED [gpt2_ft.py args...]: the four steps as one com
   local -a beam_cmd=("$PY" gpt2_beam.py --data "$TEST_DATA" --model_name_or_path "$MODEL"
     --tokenizer_name "$TOKENIZER" --init_checkpoint "$run/final" --work_dir "$run" --output_file predict.jsonl
     --batch_size "$BEAM_BATCH" --seq_len "$SEQ_LEN" --eval_len "$EVAL_LEN" --beam "$BEAM" --length_penalty 0.8
-    --no_repeat_ngram_size 4 --repetition_penalty 1.0 --eos_token_id 628 50256 "${test_caps[@]}")
+    --no_repeat_ngram_size 4 --repetition_penalty 1.0 --eos_token_id 628 "${test_caps[@]}")
   local -a decode_cmd=("$PY" gpt2_decode.py --input_file "$TEST_DATA" --sample_file "$run/predict.jsonl"
     --output_ref_file "$run/e2e_ref.txt" --output_pred_file "$run/e2e_pred.txt" --score
     --score_json "$run/e2e_scores.json")
