@@ -3,6 +3,8 @@
 #   bash run.sh demo    # GLUE demo on the embedded MiniLM (LoRA, VeRA, RandLoRA)
 #   bash run.sh test    # the whole offline test suite
 #   bash run.sh bench   # adapter speed/memory benchmark against HF PEFT
+#   bash run.sh e2e     # E2E chain sweep (default preset: smoke, a small GPT-2 on CPU); see e2e_all.sh
+#   bash run.sh gpu-check  # the GPU measurements in one report (bench/gpu_check.sh; --smoke on CPU)
 #   bash run.sh lint    # ruff (settings in pyproject.toml); CI runs it before the tests
 # Extra arguments are passed on to the job.
 set -euo pipefail
@@ -32,8 +34,10 @@ export PEFT_DATA_DIR=${PEFT_DATA_DIR:-$ROOT/../shared/data}
 job=${1:-}; shift || true
 case "$job" in
   demo)  exec bash train_all.sh demo "$@" ;;
+  e2e)   [ $# -gt 0 ] || set -- smoke; exec bash e2e_all.sh "$@" ;;
+  gpu-check) exec bash bench/gpu_check.sh "$@" ;;
   test)  exec python -m pytest -q tests "$@" ;;
   bench) exec python bench/bench_adapters.py "$@" ;;
   lint)  exec ruff check "$@" . ;;
-  *) echo "usage: bash run.sh demo|test|bench|lint [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh demo|test|bench|e2e|gpu-check|lint [args...]" >&2; exit 2 ;;
 esac
