@@ -21,16 +21,8 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python 
 export TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 source ./sweep_lib.sh
 
-args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --jobs) JOBS=${2:?--jobs needs a number or auto}; shift 2 ;;
-    --jobs=*) JOBS=${1#--jobs=}; shift ;;
-    --dry-run|--dry_run) DRY_RUN=1; shift ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-set -- "${args[@]+"${args[@]}"}"
+sweep_options "$@"  # --jobs N, --dry-run: set JOBS / DRY_RUN; the rest stays in SWEEP_REST
+set -- "${SWEEP_REST[@]+"${SWEEP_REST[@]}"}"
 preset=${1:-}
 shift || true
 

@@ -14,6 +14,18 @@
 
 SWEEP_OUT=() SWEEP_LABEL=() SWEEP_NEEDS=() SWEEP_CMD=() SWEEP_FAILED=()
 
+sweep_options() {  # the sweep scripts' own flags: --jobs N | --jobs=N, --dry-run; everything else -> SWEEP_REST
+  SWEEP_REST=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --jobs) JOBS=${2:?--jobs needs a number or auto}; shift 2 ;;
+      --jobs=*) JOBS=${1#--jobs=}; shift ;;
+      --dry-run|--dry_run) DRY_RUN=1; shift ;;
+      *) SWEEP_REST+=("$1"); shift ;;
+    esac
+  done
+}
+
 sweep_add() {  # sweep_add FOLDER LABEL NEEDS(folder or "") COMMAND-STRING (run by bash, from the repo root)
   SWEEP_OUT+=("$1") SWEEP_LABEL+=("$2") SWEEP_NEEDS+=("$3") SWEEP_CMD+=("$4")
 }

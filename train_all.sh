@@ -35,16 +35,8 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 source ./sweep_lib.sh
 
 # ------------------------------------------------------------------------------------------------ command line
-args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --jobs) JOBS=${2:?--jobs needs a number or auto}; shift 2 ;;
-    --jobs=*) JOBS=${1#--jobs=}; shift ;;
-    --dry-run|--dry_run) DRY_RUN=1; shift ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-set -- "${args[@]+"${args[@]}"}"
+sweep_options "$@"  # --jobs N, --dry-run: set JOBS / DRY_RUN; the rest stays in SWEEP_REST
+set -- "${SWEEP_REST[@]+"${SWEEP_REST[@]}"}"
 preset=randlora
 case "${1:-}" in ''|-*) ;; *) preset=$1; shift ;; esac
 gpus=$(sweep_gpus | wc -l)
