@@ -789,7 +789,10 @@ def _read_pt(path):
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise AdapterError(f"adapter checkpoint {path} does not exist") from None
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "unsupported global" not in str(e).lower():  # not a refused object: bytes that are no valid pickle
+            raise AdapterError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt pickle data); "
+                               "re-save or re-download it") from None
         # torch's own message advises weights_only=False, which would run code from the file: not repeated here
         raise AdapterError(f"{path} holds objects other than tensors and plain containers, which this toolkit does "
                            "not unpickle; save only the state dict (torch.save(lora_state_dict(model), path)) or "
