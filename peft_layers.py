@@ -8,14 +8,28 @@ Every method writes its weight update the same way, delta_W = scale * up @ down,
     RandLoRA  down, up = shared frozen bases scaled by lambda (r x n) and gamma (n x min(in, out)),
               laid out exactly as HF PEFT does                                           scale = alpha / r
 
-One autograd function (`_AdaptedLinear`) then computes y = x W^T + b + x delta_W^T. Per call it picks the
-cheaper exact way: the factored form (x down^T) up^T, or, when a batch holds more tokens than the adapter is
-wide, one matmul with W + delta_W. Neither path keeps per-token activations of the R-wide projection, and the
-frozen bases never get gradient state. The adapted layer keeps the base layer's own `weight`/`bias`
-parameters, so the model's state-dict keys do not change and merging is a plain in-place add.
+Each call then picks, by its cost in multiply-adds and the bytes it keeps for backward, one exact way to
+compute y = x W^T + b + x_drop delta_W^T (autograd functions `_AdaptedLinear` and `_VeraThin`):
+the factored form (x_drop down^T) up^T; the dense form through delta_W (one matmul with W + delta_W, or
+x_drop delta_W^T as a second matmul in half precision and with dropout), whose backward forms the (out x in)
+gradient once and projects it onto the factors; or, for VeRA, whose only trainable tensors are two scaling
+vectors, the thin form over (tokens x r) products. The fastest path wins among those that keep no more than
+both the layer's input and the plain two-matmul formulation (PEFT's) would keep. Kept for backward: the
+input in the compute dtype (shared with any neighbour that keeps the same tensor), dropout as a one-byte
+mask (x_drop is rebuilt), and an R-wide (tokens x R) projection only where it is smaller than the input and
+needed (RandLoRA's trainable `up`, VeRA's h1 when r is narrower than the input); the merged weight is
+rebuilt in backward, never kept; the frozen weight, the shared bases and the parameters are kept as the
+tensors they are, without copies. The frozen bases never get gradient state. The adapted layer keeps the
+base layer's own `weight`/`bias` parameters, so the model's state-dict keys do not change and merging is a
+plain in-place add.
 
-Public API: apply_adapter, merge_adapter, unmerge_adapter, merge_and_unload, save_adapter, load_adapter,
-save_peft, load_peft, trainable_parameters, adapter_state_dict.
+Loading never fails silently: every bad argument or unreadable, inconsistent file raises AdapterError (one
+line naming the problem and the fix); a checkpoint's alpha must match the model's (a model whose alpha was a
+default takes the checkpoint's, and says so).
+
+Public API (`__all__`): apply_adapter, merge_adapter, unmerge_adapter, merge_and_unload, save_adapter,
+load_adapter, save_peft, load_peft, peft_config, trainable_parameters, adapter_state_dict, adapter_layers,
+default_alpha, AdapterLayer, SharedBases, AdapterError, METHODS, DEFAULT_TARGETS, BASES_ATTR.
 """
 import json
 import logging
@@ -35,6 +49,10 @@ try:  # GPT-2's fused projections
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = ()
+
+__all__ = ["apply_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "save_adapter", "load_adapter",
+           "save_peft", "load_peft", "peft_config", "trainable_parameters", "adapter_state_dict", "adapter_layers",
+           "default_alpha", "AdapterLayer", "SharedBases", "AdapterError", "METHODS", "DEFAULT_TARGETS", "BASES_ATTR"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +75,8 @@ FUSED_QKV_LORA = {"c_attn": (True, False, True)}
 
 
 class AdapterError(ValueError):
-    """An adapter does not fit the model (wrong targets, ranks, keys or shapes)."""
+    """An adapter argument or file is wrong: bad value, unreadable file, or a checkpoint that does not fit the model
+    (targets, ranks, alpha, keys, shapes). One line naming the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------
