@@ -251,6 +251,61 @@ class _VeraThin(torch.autograd.Function):
         return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None, None
 
 
+class _VeraDense(torch.autograd.Function):
+    """VeRA through delta_W = (lambda_b * B) @ (lambda_d * A), for many tokens: the dense path of _AdaptedLinear,
+    with the scaled factors rebuilt in backward from the frozen bases and the two vectors instead of kept (at
+    r = 1024 on a GPT-2 layer they outweigh every per-token tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, lambda_d, lambda_b, mask, p):
+        need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
+        dt = x.dtype
+        out_f, in_f = weight.shape
+        x2 = x.reshape(-1, in_f)
+        mask2 = None if mask is None else mask.reshape(-1, in_f)
+        delta = torch.mm(_cast(lambda_b[:, None] * B, dt), _cast(lambda_d[:, None] * A, dt))
+        half = dt not in (torch.float32, torch.float64)
+        if mask is None and not half:
+            y = F.linear(x2, _cast(weight, dt) + delta, bias)
+        else:
+            y = F.linear(x2, _cast(weight, dt), bias).addmm_(_dropped(x2, mask2, p), delta.t())
+        keep_x = need_d or need_b
+        ctx.save_for_backward(x if keep_x else None, weight, A, B, lambda_d, lambda_b,
+                              mask if mask is not None and (keep_x or need_x) else None)
+        ctx.p, ctx.half = p, half
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, A, B, lambda_d, lambda_b, mask = ctx.saved_tensors
+        need_x, need_w, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
+        if need_w:
+            raise RuntimeError(_FROZEN_WEIGHT)
+        out_f, in_f = weight.shape
+        p, dt = ctx.p, grad_out.dtype
+        g2 = grad_out.reshape(-1, out_f)
+        A, B, ld, lb = _cast(A, dt), _cast(B, dt), _cast(lambda_d, dt), _cast(lambda_b, dt)
+        mask2 = None if mask is None else mask.reshape(-1, in_f)
+        grad_x = grad_d = grad_b = grad_bias = None
+        if need_d or need_b:
+            gw = torch.mm(g2.t(), _dropped(x.reshape(-1, in_f), mask2, p))  # (out x in), never per token
+            if need_b:  # d/d lambda_b[o] of sum(gw * diag(lambda_b) B diag(lambda_d) A)
+                grad_b = (gw * torch.mm(B * ld, A)).sum(1)
+            if need_d:
+                grad_d = (torch.mm((B * lb[:, None]).t(), gw) * A).sum(1)
+        if need_x:
+            delta = torch.mm(B * lb[:, None], A * ld[:, None])
+            if mask is None and not ctx.half:
+                grad_x = torch.mm(g2, _cast(weight, dt) + delta)
+            else:
+                grad_x = torch.mm(g2, _cast(weight, dt)).add_(_dropped(torch.mm(g2, delta), mask2, p))
+            grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
+        if ctx.bias_grad:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None
+
+
 class _ScaledBases(torch.autograd.Function):
     """RandLoRA's lambda[:, :, None] * A * gamma[None], keeping only its inputs (not the R x min(in, out) product)."""
 
@@ -491,9 +546,11 @@ class AdapterLayer(nn.Module):
         grads = (needs_grad and x.requires_grad,) + (self._factor_grads() if needs_grad else (False, False))
         plan = _plan(x.numel() // self.in_features, self.in_features, self.out_features, self.width, grads,
                      dtype not in (torch.float32, torch.float64), mask is not None, diagonal=self.method == "vera")
-        if plan.path == "thin":
+        if self.method == "vera":  # its own functions: the scaled factors are never kept
             A = self._bases.vera_A[:, : self.in_features]
             B = self._bases.vera_B[: self.out_features]
+            if plan.path == "dense":
+                return _VeraDense.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p)
             return _VeraThin.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p, plan.keep)
         down, up = self.factors()
         return _AdaptedLinear.apply(x, weight, bias, down, up, self.scale, mask, p, plan.path == "dense", plan.keep)
