@@ -36,8 +36,9 @@ import logging
 import math
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,8 @@ __all__ = ["apply_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unloa
 logger = logging.getLogger(__name__)
 
 METHODS = ("lora", "vera", "randlora")
+PathLike = str | os.PathLike
+Names = Sequence[str] | str | None  # module-name suffixes: a list, or one comma-separated string
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 BASES_ATTR = "peft_bases"  # submodule holding VeRA/RandLoRA's shared frozen projections
@@ -402,7 +405,7 @@ def _merged_path_is_cheaper(tokens, in_f, out_f, width, needs_grad, half, diagon
 class AdapterLayer(nn.Module):
     """Replaces an nn.Linear or a GPT-2 Conv1D; owns the base weight/bias (same Parameter objects)."""
 
-    def __init__(self, base, method, rank, alpha, dropout, bases=None, enable=None, generator=None):
+    def __init__(self, base, method, rank, alpha, dropout, bases=None, fused_slices=None, generator=None):
         super().__init__()
         self.fan_in_fan_out = isinstance(base, Conv1D) if Conv1D else False
         self.weight, self.bias = base.weight, base.bias
@@ -414,13 +417,13 @@ class AdapterLayer(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.enable = tuple(enable) if enable else None
+        self.fused_slices = tuple(fused_slices) if fused_slices else None  # which of q, k, v a fused layer adapts
         object.__setattr__(self, "_bases", bases)  # shared, owned by the model: not a child of every layer
         kw = dict(device=self.weight.device, dtype=torch.float32)
         if method == "lora":
             self.scale = alpha / rank
-            n_groups = len(self.enable) if self.enable else 1
-            n_on = sum(self.enable) if self.enable else 1
+            n_groups = len(self.fused_slices) if self.fused_slices else 1
+            n_on = sum(self.fused_slices) if self.fused_slices else 1
             if self.out_features % n_groups:
                 raise AdapterError(f"cannot split {self.out_features} outputs into {n_groups} fused projections")
             self.lora_A = nn.Parameter(torch.empty(rank * n_on, self.in_features, **kw))
@@ -440,6 +443,11 @@ class AdapterLayer(nn.Module):
         else:
             raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
 
+    @property
+    def enable(self):
+        """Former name of fused_slices (loralib's enable_lora): the mask of fused q/k/v slices adapted."""
+        return self.fused_slices
+
     def adapter_names(self):
         if "_adapter_names" not in self.__dict__:  # fixed once the parameters exist; asked on every forward
             names = (n for n, _ in self.named_parameters(recurse=False) if n not in ("weight", "bias"))
@@ -450,13 +458,14 @@ class AdapterLayer(nn.Module):
         """(down, up) with delta_W = scale * up @ down, from the current parameters or a snapshot of them."""
         P = params if params is not None else {n: getattr(self, n) for n in self.adapter_names()}
         if self.method == "lora":
-            if not self.enable:
+            if not self.fused_slices:
                 return P["lora_A"], P["lora_B"]
             # Place each enabled slice's B block on its rows of the fused output, block-diagonally.
-            d, r = self.out_features // len(self.enable), self.r
+            d, r = self.out_features // len(self.fused_slices), self.r
             blocks = torch.block_diag(*P["lora_B"].split(d, dim=0))
-            rows = torch.cat([torch.arange(i * d, (i + 1) * d) for i, on in enumerate(self.enable) if on])
-            up = blocks.new_zeros(self.out_features, r * sum(self.enable)).index_copy(0, rows.to(blocks.device), blocks)
+            rows = torch.cat([torch.arange(i * d, (i + 1) * d) for i, on in enumerate(self.fused_slices) if on])
+            up = blocks.new_zeros(self.out_features, r * sum(self.fused_slices))
+            up = up.index_copy(0, rows.to(blocks.device), blocks)
             return P["lora_A"], up
         if self.method == "vera":
             A, B = self._bases.vera_A, self._bases.vera_B
@@ -568,12 +577,12 @@ class AdapterLayer(nn.Module):
     def width(self):
         """R, the inner width of up @ down."""
         if self.method == "lora":
-            return self.r * (sum(self.enable) if self.enable else 1)
+            return self.r * (sum(self.fused_slices) if self.fused_slices else 1)
         return self.r if self.method == "vera" else self.r * self.n_bases
 
     def extra_repr(self):
         return (f"{self.method}: in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
-                + (f", slices={self.enable}" if self.enable else "") + (", merged" if self.merged else ""))
+                + (f", slices={self.fused_slices}" if self.fused_slices else "") + (", merged" if self.merged else ""))
 
 
 class SharedBases(nn.Module):
@@ -609,7 +618,7 @@ def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def adapter_layers(model):
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
@@ -618,7 +627,7 @@ def _set_child(model, name, new):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def default_alpha(method, rank):
+def default_alpha(method: str, rank: int) -> float:
     """alpha when none is given: LoRA's scale 1 (alpha = rank), PEFT's RandLoRA default 640; VeRA has no scale."""
     return {"lora": rank, "randlora": 640, "vera": 1}[method]
 
@@ -659,8 +668,9 @@ def _names(names, what):
     return list(names)
 
 
-def apply_adapter(model, method, rank, alpha=None, target_modules=None, dropout=0.0, seed=0, modules_to_save=None,
-                  fused_qkv_lora=True):
+def apply_adapter(model: nn.Module, method: str, rank: int, alpha: float | None = None,
+                  target_modules: Names = None, dropout: float = 0.0, seed: int = 0, modules_to_save: Names = None,
+                  fused_qkv_lora: bool = True) -> nn.Module:
     """Adapt `model` in place and freeze everything but the adapter and `modules_to_save`; returns the model.
 
     target_modules: module-name suffixes (default: the architecture's query/value projections).
@@ -696,13 +706,13 @@ def apply_adapter(model, method, rank, alpha=None, target_modules=None, dropout=
     layer_info = {}
     for name, module in found:
         short = name.rsplit(".", 1)[-1]
-        enable = FUSED_QKV_LORA.get(short) if (method == "lora" and fused_qkv_lora and Conv1D
+        slices = FUSED_QKV_LORA.get(short) if (method == "lora" and fused_qkv_lora and Conv1D
                                                and isinstance(module, Conv1D)) else None
-        layer = AdapterLayer(module, method, rank, float(alpha), dropout, bases, enable, generator)
+        layer = AdapterLayer(module, method, rank, float(alpha), dropout, bases, slices, generator)
         layer.train(model.training)
         _set_child(model, name, layer)
         layer_info[name] = {"in": layer.in_features, "out": layer.out_features,
-                            "fan_in_fan_out": layer.fan_in_fan_out, "enable": list(enable) if enable else None}
+                            "fan_in_fan_out": layer.fan_in_fan_out, "enable": list(slices) if slices else None}
     saved_modules = []
     for name, module in model.named_modules():
         if modules_to_save and _matches(name, modules_to_save) and not isinstance(module, AdapterLayer):
@@ -719,19 +729,19 @@ def apply_adapter(model, method, rank, alpha=None, target_modules=None, dropout=
     return model
 
 
-def merge_adapter(model):
+def merge_adapter(model: nn.Module) -> nn.Module:
     for _, layer in adapter_layers(model):
         layer.merge()
     return model
 
 
-def unmerge_adapter(model):
+def unmerge_adapter(model: nn.Module) -> nn.Module:
     for _, layer in adapter_layers(model):
         layer.unmerge()
     return model
 
 
-def merge_and_unload(model):
+def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the adapter into the weights and put plain nn.Linear / Conv1D layers back: a plain HF model."""
     for name, layer in adapter_layers(model):
         layer.merge()
@@ -750,7 +760,7 @@ def merge_and_unload(model):
     return model
 
 
-def trainable_parameters(model):
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -777,7 +787,7 @@ def _saved_module_tensors(model, cfg):
     return out
 
 
-def adapter_state_dict(model):
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors (+ modules_to_save and the shared projections), keyed by their names in the model."""
     cfg = _config_of(model)
     sd = {}
@@ -796,7 +806,7 @@ def _to_saveable(sd):
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
-def save_adapter(model, path):
+def save_adapter(model: nn.Module, path: PathLike) -> Path:
     """Write `path/adapter.safetensors` (adapter + modules_to_save + projections) and `path/adapter.json`."""
     cfg = _config_of(model)
     path = Path(path)
@@ -911,8 +921,8 @@ def _load_tensors(model, sd, source, alpha=None):
             layer = layers.get(layer_name)
             if layer is not None and pn in ("lora_A", "lora_B", "vera_lambda_d", "randlora_lambda"):
                 ck_rank = tensor.shape[1] if pn == "lora_B" else tensor.shape[0]
-                if pn == "lora_A" and layer.enable:
-                    ck_rank //= sum(layer.enable)
+                if pn == "lora_A" and layer.fused_slices:
+                    ck_rank //= sum(layer.fused_slices)
                 if ck_rank != layer.r:
                     problems.append(f"checkpoint has rank {ck_rank} for {layer_name}, model has rank {layer.r}")
                     continue
@@ -963,7 +973,7 @@ def _take_alpha(model, alpha, source):
         layer.alpha, layer.scale = float(alpha), float(alpha) / layer.r
 
 
-def load_adapter(model, path):
+def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     """Load an adapter saved by save_adapter (dir or .safetensors), a PEFT dir, or a loralib .pt/.bin state dict.
 
     A model without an adapter gets one applied from the saved config first (ours or PEFT's). Every checkpoint
@@ -1018,7 +1028,8 @@ def _load_loralib(model, path):
 _PEFT_TYPE = {"lora": "LORA", "vera": "VERA", "randlora": "RANDLORA"}
 
 
-def peft_config(method, rank, alpha, target_modules, dropout=0.0, seed=0, modules_to_save=None, **extra):
+def peft_config(method: str, rank: int, alpha: float | None, target_modules: Sequence[str], dropout: float = 0.0,
+                seed: int = 0, modules_to_save: Sequence[str] | None = None, **extra: Any) -> Any:
     """The HF PEFT config equivalent to apply_adapter's arguments (same defaults), for side-by-side runs.
 
     target_modules is required (PEFT would pick its own defaults); extra keys go to the config (task_type...).
@@ -1026,17 +1037,17 @@ def peft_config(method, rank, alpha, target_modules, dropout=0.0, seed=0, module
     import peft
     if method not in METHODS:
         raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
-    common = dict(r=rank, target_modules=list(target_modules), modules_to_save=modules_to_save, **extra)
+    shared = dict(r=rank, target_modules=list(target_modules), modules_to_save=modules_to_save, **extra)
     alpha = default_alpha(method, rank) if alpha is None else alpha
     if method == "lora":
-        return peft.LoraConfig(lora_alpha=alpha, lora_dropout=dropout, **common)
+        return peft.LoraConfig(lora_alpha=alpha, lora_dropout=dropout, **shared)
     if method == "vera":
-        return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **common)
+        return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **shared)
     return peft.RandLoraConfig(randlora_alpha=alpha, randlora_dropout=dropout, projection_prng_key=seed,
-                               save_projection=True, **common)
+                               save_projection=True, **shared)
 
 
-def save_peft(model, path, base_model_name_or_path=None):
+def save_peft(model: nn.Module, path: PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` reads."""
     cfg = _config_of(model)
     method, prefix = cfg["method"], "base_model.model."
@@ -1047,7 +1058,7 @@ def save_peft(model, path, base_model_name_or_path=None):
             down, up = layer.factors()
             sd[f"{prefix}{name}.lora_A.weight"] = down
             sd[f"{prefix}{name}.lora_B.weight"] = up
-            if layer.enable:  # fused q/v slices = one LoRA of rank r * slices with a block-diagonal B
+            if layer.fused_slices:  # fused q/v slices = one LoRA of rank r * slices with a block-diagonal B
                 rank_pattern[name] = down.shape[0]
                 alpha_pattern[name] = cfg["alpha"] * down.shape[0] / layer.r
         else:
@@ -1062,30 +1073,30 @@ def save_peft(model, path, base_model_name_or_path=None):
             if method == "randlora":  # PEFT's RandLoRA files also repeat the bases under every layer
                 for name, _ in adapter_layers(model):
                     sd[f"{prefix}{name}.{bn}"] = b
-    common = {"peft_type": _PEFT_TYPE[method], "target_modules": cfg["target_modules"], "r": cfg["rank"],
+    config = {"peft_type": _PEFT_TYPE[method], "target_modules": cfg["target_modules"], "r": cfg["rank"],
               "modules_to_save": cfg["modules_to_save"] or None, "fan_in_fan_out": fan_in_fan_out,
               "bias": "none", "task_type": None, "inference_mode": True, "init_weights": True,
               "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
               "layers_pattern": None, "revision": None}
     if method == "lora":
-        common.update(lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], init_lora_weights=True,
+        config.update(lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], init_lora_weights=True,
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False, use_dora=False)
-        del common["init_weights"]
+        del config["init_weights"]
     elif method == "vera":
-        common.update(vera_dropout=cfg["dropout"], projection_prng_key=cfg["seed"], save_projection=True,
+        config.update(vera_dropout=cfg["dropout"], projection_prng_key=cfg["seed"], save_projection=True,
                       d_initial=0.1)
     else:
-        common.update(randlora_alpha=cfg["alpha"], randlora_dropout=cfg["dropout"],
+        config.update(randlora_alpha=cfg["alpha"], randlora_dropout=cfg["dropout"],
                       projection_prng_key=cfg["seed"], save_projection=True, sparse=False, very_sparse=False)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     saveable = _to_saveable(sd)
     _atomic(path / PEFT_WEIGHTS, lambda tmp: save_file(saveable, tmp, metadata={"format": "pt"}))
-    _atomic(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(common, indent=2) + "\n"))
+    _atomic(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 
-def load_peft(model, path):
+def load_peft(model: nn.Module, path: PathLike) -> nn.Module:
     """Load a Hugging Face PEFT adapter folder (LoRA, VeRA or RandLoRA) into `model`, applying it if needed."""
     path = Path(path)
     if not path.exists():
