@@ -138,8 +138,12 @@ class _AdaptedLinear(torch.autograd.Function):
             keep_h = keep_h and need_up
             keep_x = need_down or (need_up and not keep_h)
         keep_mask = mask is not None and (keep_x or need_x)
-        ctx.save_for_backward(x if keep_x else None, weight, dn if need_down else down, upc if need_up else up,
-                              mask if keep_mask else None, h if (not dense and keep_h) else None)
+        # a factor is kept only if backward uses it (without grad_x, dense needs only the other factor)
+        use_down = need_x or (need_up and (dense or not keep_h))
+        use_up = need_x or need_down
+        ctx.save_for_backward(x if keep_x else None, weight, (dn if need_down else down) if use_down else None,
+                              (upc if need_up else up) if use_up else None, mask if keep_mask else None,
+                              h if (not dense and keep_h) else None)
         ctx.scale, ctx.p, ctx.dense, ctx.half = scale, p, dense, half
         ctx.bias_grad = bias is not None and bias.requires_grad
         return y.view(*x.shape[:-1], out_f)
@@ -153,7 +157,7 @@ class _AdaptedLinear(torch.autograd.Function):
         out_f, in_f = weight.shape
         scale, p, dt = ctx.scale, ctx.p, grad_out.dtype
         g2 = grad_out.reshape(-1, out_f)
-        w, down, up = _cast(weight, dt), _cast(down, dt), _cast(up, dt)
+        w, down, up = _cast(weight, dt), _cast(down, dt), _cast(up, dt)  # None where backward does not use it
         mask2 = None if mask is None else mask.reshape(-1, in_f)
         xd2 = None if x is None else _dropped(x.reshape(-1, in_f), mask2, p)
         grad_x = grad_down = grad_up = grad_bias = None
@@ -164,7 +168,7 @@ class _AdaptedLinear(torch.autograd.Function):
                 grad_up = torch.mm(gw, down.t()) if need_up else None
                 grad_down = torch.mm(up.t(), gw) if need_down else None
             if need_x:
-                tokens, width = g2.shape[0], down.shape[0]
+                tokens, width = g2.shape[0], up.shape[1]
                 if mask is None and not ctx.half:
                     grad_x = torch.mm(g2, torch.addmm(w, up, down, alpha=scale))
                 elif tokens * width * (in_f + out_f) < (tokens + width) * in_f * out_f:
@@ -461,12 +465,17 @@ class AdapterLayer(nn.Module):
             if not self.fused_slices:
                 return P["lora_A"], P["lora_B"]
             # Place each enabled slice's B block on its rows of the fused output, block-diagonally.
-            d, r = self.out_features // len(self.fused_slices), self.r
-            blocks = torch.block_diag(*P["lora_B"].split(d, dim=0))
-            rows = torch.cat([torch.arange(i * d, (i + 1) * d) for i, on in enumerate(self.fused_slices) if on])
-            up = blocks.new_zeros(self.out_features, r * sum(self.fused_slices))
-            up = up.index_copy(0, rows.to(blocks.device), blocks)
-            return P["lora_A"], up
+            # Built from pads and a concatenation, whose backward keeps nothing but sizes.
+            d, r, n_on = self.out_features // len(self.fused_slices), self.r, sum(self.fused_slices)
+            parts, pieces = [], iter(P["lora_B"].split(d, dim=0))
+            j = 0
+            for on in self.fused_slices:
+                if on:
+                    parts.append(F.pad(next(pieces), (j * r, (n_on - j - 1) * r)))
+                    j += 1
+                else:
+                    parts.append(P["lora_B"].new_zeros(d, r * n_on))
+            return P["lora_A"], torch.cat(parts, 0)
         if self.method == "vera":
             A, B = self._bases.vera_A, self._bases.vera_B
             down = P["vera_lambda_d"][:, None] * A[:, : self.in_features]
