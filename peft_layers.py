@@ -8,22 +8,41 @@ Every method writes its weight update the same way, delta_W = scale * up @ down,
     RandLoRA  down, up = shared frozen bases scaled by lambda (r x n) and gamma (n x min(in, out)),
               laid out exactly as HF PEFT does                                           scale = alpha / r
 
-One autograd function (`_AdaptedLinear`) then computes y = x W^T + b + x delta_W^T. Per call it picks the
-cheaper exact way: the factored form (x down^T) up^T, or, when a batch holds more tokens than the adapter is
-wide, one matmul with W + delta_W. Neither path keeps per-token activations of the R-wide projection, and the
-frozen bases never get gradient state. The adapted layer keeps the base layer's own `weight`/`bias`
-parameters, so the model's state-dict keys do not change and merging is a plain in-place add.
+Each call then picks, by its cost in multiply-adds and the bytes it keeps for backward, one exact way to
+compute y = x W^T + b + x_drop delta_W^T (autograd functions `_AdaptedLinear` and `_VeraThin`):
+the factored form (x_drop down^T) up^T; the dense form through delta_W (one matmul with W + delta_W, or
+x_drop delta_W^T as a second matmul in half precision and with dropout), whose backward forms the (out x in)
+gradient once and projects it onto the factors; or, for VeRA, whose only trainable tensors are two scaling
+vectors, the thin form over (tokens x r) products. The fastest path wins among those that keep no more than
+both the layer's input and the plain two-matmul formulation (PEFT's) would keep. Kept for backward: the
+input in the compute dtype (shared with any neighbour that keeps the same tensor), dropout as a one-byte
+mask (x_drop is rebuilt), and an R-wide (tokens x R) projection only where it is smaller than the input and
+needed (RandLoRA's trainable `up`, VeRA's h1 when r is narrower than the input); the merged weight is
+rebuilt in backward, never kept; the frozen weight, the shared bases and the parameters are kept as the
+tensors they are, without copies. The frozen bases never get gradient state. The adapted layer keeps the
+base layer's own `weight`/`bias` parameters, so the model's state-dict keys do not change and merging is a
+plain in-place add.
 
-Public API: apply_adapter, merge_adapter, unmerge_adapter, merge_and_unload, save_adapter, load_adapter,
-save_peft, load_peft, trainable_parameters, adapter_state_dict.
+Loading never fails silently: every bad argument or unreadable, inconsistent file raises AdapterError (one
+line naming the problem and the fix); a checkpoint's alpha must match the model's (a model whose alpha was a
+default takes the checkpoint's, and says so).
+
+Public API (`__all__`): apply_adapter, merge_adapter, unmerge_adapter, merge_and_unload, save_adapter,
+load_adapter, save_peft, load_peft, peft_config, trainable_parameters, adapter_state_dict, adapter_layers,
+default_alpha, AdapterLayer, SharedBases, AdapterError, METHODS, DEFAULT_TARGETS, BASES_ATTR.
 """
 import json
+import logging
 import math
 import os
+import pickle
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,7 +51,15 @@ try:  # GPT-2's fused projections
 except ImportError:  # pragma: no cover
     Conv1D = ()
 
+__all__ = ["apply_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "save_adapter", "load_adapter",
+           "save_peft", "load_peft", "peft_config", "trainable_parameters", "adapter_state_dict", "adapter_layers",
+           "default_alpha", "AdapterLayer", "SharedBases", "AdapterError", "METHODS", "DEFAULT_TARGETS", "BASES_ATTR"]
+
+logger = logging.getLogger(__name__)
+
 METHODS = ("lora", "vera", "randlora")
+PathLike = str | os.PathLike
+Names = Sequence[str] | str | None  # module-name suffixes: a list, or one comma-separated string
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 BASES_ATTR = "peft_bases"  # submodule holding VeRA/RandLoRA's shared frozen projections
@@ -51,104 +78,328 @@ FUSED_QKV_LORA = {"c_attn": (True, False, True)}
 
 
 class AdapterError(ValueError):
-    """An adapter does not fit the model (wrong targets, ranks, keys or shapes)."""
+    """An adapter argument or file is wrong: bad value, unreadable file, or a checkpoint that does not fit the model
+    (targets, ranks, alpha, keys, shapes). One line naming the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The one autograd function
+# The autograd functions and the per-call choice between them
+#
+# What each path keeps for backward is decided per call, in forward, from which inputs need a gradient. The
+# frozen weight, the frozen bases and the parameters are kept as the tensors they are (no copies); the input is
+# kept in the compute dtype; dropout is kept as a one-byte mask and x_drop is rebuilt in backward; the merged
+# weight and any R-wide projection are recomputed instead of kept unless they are needed and smaller.
+
+
+_FROZEN_WEIGHT = "peft_layers: the base weight of an adapted layer is frozen; do not set requires_grad on it"
+
+
+def _dropped(x2, mask2, p):
+    """x with dropout applied from a kept boolean mask (same as nn.Dropout: zeroed, scaled by 1 / (1 - p))."""
+    return x2 if mask2 is None else x2 * mask2 * (1.0 / (1.0 - p))
+
+
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 class _AdaptedLinear(torch.autograd.Function):
-    """y = x W^T + b + scale * x (up @ down)^T, with W frozen.
+    """y = x W^T + b + scale * x_drop (up @ down)^T, with W frozen; x_drop = x when there is no dropout mask.
 
-    merged=True: one matmul with W + delta_W (in half precision the update is added as a second matmul, so a
-    small delta_W is not rounded away against W). merged=False: the factored form, with the adapter fed
-    `x_drop` (dropout applied) while the frozen path sees `x`.
-    Saved for backward: x (shared with the neighbouring q/k/v layers), the small factors, and either the merged
-    weight or, for LoRA, the (tokens x r) projection that lora_B's gradient needs. Nothing R-wide per token is
-    kept, and W gets no gradient.
+    dense=True: through delta_W = scale * up @ down (one matmul with W + delta_W in fp32 without dropout; in
+    half precision or with dropout x_drop delta_W^T is a second matmul, so a small update is not rounded away
+    against W). The backward forms the (out x in) gradient of delta_W once and projects it onto the factors; the
+    merged weight for grad_x is rebuilt, not kept. dense=False: the factored form (x_drop down^T) up^T; the
+    (tokens x R) projection h is kept only when keep_h (the caller's memory plan), else rebuilt from x.
+    down and up arrive in fp32 and are cast here: a frozen factor (a view of the shared bases) is kept as is.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale, x_drop, merged):
+    def forward(ctx, x, weight, bias, down, up, scale, mask, p, dense, keep_h):
+        need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
+        dt = x.dtype
         out_f, in_f = weight.shape
         x2 = x.reshape(-1, in_f)
-        if merged:
-            delta = torch.mm(up, down).mul_(scale)
-            w_eff = None
-            if x.dtype in (torch.float32, torch.float64):
-                w_eff = weight + delta
-                y = F.linear(x2, w_eff, bias)
+        mask2 = None if mask is None else mask.reshape(-1, in_f)
+        w, dn, upc = _cast(weight, dt), _cast(down, dt), _cast(up, dt)
+        xd2 = _dropped(x2, mask2, p)
+        half = dt not in (torch.float32, torch.float64)
+        h = None
+        if dense:
+            delta = torch.mm(upc, dn).mul_(scale)
+            if mask is None and not half:
+                y = F.linear(x2, w + delta, bias)
             else:
-                y = F.linear(x2, weight, bias).addmm_(x2, delta.t())
-            # The merged weight (out x in) is smaller than anything per token here: keep it for grad_x.
-            keep = w_eff if ctx.needs_input_grad[0] else None
-            ctx.save_for_backward(x, weight, down, up, None, keep)
+                y = F.linear(x2, w, bias).addmm_(xd2, delta.t())
+            keep_x = need_down or need_up
         else:
-            xa2 = x2 if x_drop is None else x_drop.reshape(-1, in_f)
-            h = torch.mm(xa2, down.t())
-            y = F.linear(x2, weight, bias).addmm_(h, up.t(), alpha=scale)
-            keep = h if up.requires_grad else None
-            ctx.save_for_backward(x if x_drop is None else None, weight, down, up, x_drop, keep)
-        ctx.scale, ctx.merged, ctx.has_drop = scale, merged, x_drop is not None
+            h = torch.mm(xd2, dn.t())
+            y = F.linear(x2, w, bias).addmm_(h, upc.t(), alpha=scale)
+            keep_h = keep_h and need_up
+            keep_x = need_down or (need_up and not keep_h)
+        keep_mask = mask is not None and (keep_x or need_x)
+        # a factor is kept only if backward uses it (without grad_x, dense needs only the other factor)
+        use_down = need_x or (need_up and (dense or not keep_h))
+        use_up = need_x or need_down
+        ctx.save_for_backward(x if keep_x else None, weight, (dn if need_down else down) if use_down else None,
+                              (upc if need_up else up) if use_up else None, mask if keep_mask else None,
+                              h if (not dense and keep_h) else None)
+        ctx.scale, ctx.p, ctx.dense, ctx.half = scale, p, dense, half
         ctx.bias_grad = bias is not None and bias.requires_grad
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, down, up, x_drop, kept = ctx.saved_tensors  # kept: merged weight, or LoRA's x @ down^T
+        x, weight, down, up, mask, h = ctx.saved_tensors
         need_x, need_w, _, need_down, need_up = ctx.needs_input_grad[:5]
-        need_xdrop = ctx.needs_input_grad[6]
         if need_w:
-            raise RuntimeError("peft_layers: the base weight of an adapted layer is frozen; do not set requires_grad on it")
+            raise RuntimeError(_FROZEN_WEIGHT)
         out_f, in_f = weight.shape
-        scale = ctx.scale
+        scale, p, dt = ctx.scale, ctx.p, grad_out.dtype
         g2 = grad_out.reshape(-1, out_f)
-        grad_x = grad_down = grad_up = grad_xdrop = grad_bias = None
-        if ctx.merged:
-            x2 = x.reshape(-1, in_f)
+        w, down, up = _cast(weight, dt), _cast(down, dt), _cast(up, dt)  # None where backward does not use it
+        mask2 = None if mask is None else mask.reshape(-1, in_f)
+        xd2 = None if x is None else _dropped(x.reshape(-1, in_f), mask2, p)
+        grad_x = grad_down = grad_up = grad_bias = None
+        adapter_gx = None  # the adapter's share of grad_x, before dropout's mask
+        if ctx.dense:
             if need_down or need_up:
-                gw = torch.mm(g2.t(), x2)  # gradient of the merged weight: (out x in), never per token
-                if need_up:
-                    grad_up = torch.mm(gw, down.t()).mul_(scale)
-                if need_down:
-                    grad_down = torch.mm(up.t(), gw).mul_(scale)
+                gw = torch.mm(g2.t(), xd2).mul_(scale)  # gradient of delta_W: (out x in), never per token
+                grad_up = torch.mm(gw, down.t()) if need_up else None
+                grad_down = torch.mm(up.t(), gw) if need_down else None
             if need_x:
-                w_eff = kept if kept is not None else torch.addmm(weight, up, down, alpha=scale)
-                grad_x = torch.mm(g2, w_eff).view(grad_out.shape[:-1] + (in_f,))
-        else:
-            xa2 = (x if x_drop is None else x_drop).reshape(-1, in_f)
-            gh = torch.mm(g2, up).mul_(scale)  # (tokens x R): the adapter's share of the gradient
-            if need_up:
-                grad_up = torch.mm(g2.t(), kept).mul_(scale)
-            if need_down:
-                grad_down = torch.mm(gh.t(), xa2)
-            if need_x or need_xdrop:
-                shape = grad_out.shape[:-1] + (in_f,)
-                if ctx.has_drop:
-                    grad_x = torch.mm(g2, weight).view(shape) if need_x else None
-                    grad_xdrop = torch.mm(gh, down).view(shape) if need_xdrop else None
+                tokens, width = g2.shape[0], up.shape[1]
+                if mask is None and not ctx.half:
+                    grad_x = torch.mm(g2, torch.addmm(w, up, down, alpha=scale))
+                elif tokens * width * (in_f + out_f) < (tokens + width) * in_f * out_f:
+                    adapter_gx = torch.mm(torch.mm(g2, up), down).mul_(scale)
                 else:
-                    grad_x = torch.mm(g2, weight).addmm_(gh, down).view(shape)
+                    adapter_gx = torch.mm(g2, torch.mm(up, down).mul_(scale))
+        else:
+            gh = torch.mm(g2, up).mul_(scale) if (need_down or need_x) else None  # (tokens x R)
+            if need_up:
+                h = h if h is not None else torch.mm(xd2, down.t())
+                grad_up = torch.mm(g2.t(), h).mul_(scale)
+            if need_down:
+                grad_down = torch.mm(gh.t(), xd2)
+            if need_x:
+                if mask is None:
+                    grad_x = torch.mm(g2, w).addmm_(gh, down)
+                else:
+                    adapter_gx = torch.mm(gh, down)
+        if adapter_gx is not None:
+            grad_x = torch.mm(g2, w).add_(_dropped(adapter_gx, mask2, p))
+        if grad_x is not None:
+            grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
             grad_bias = g2.sum(0)
-        return grad_x, None, grad_bias, grad_down, grad_up, None, grad_xdrop, None
+        return grad_x, None, grad_bias, grad_down, grad_up, None, None, None, None, None
 
 
-def _merged_path_is_cheaper(tokens, in_f, out_f, rank, needs_grad, half, diagonal=False):
-    """Compare multiply-adds of the two exact paths (beyond the frozen matmul both pay).
+class _VeraThin(torch.autograd.Function):
+    """VeRA in factored form: y = x W^T + b + lambda_b * ((x_drop A^T) * lambda_d) B^T, A and B frozen.
 
-    diagonal: only scaling vectors train (VeRA), so the factored backward needs no factor-sized gradients.
+    Only the two scaling vectors train, so no factor-sized gradient is formed. Kept for backward: the
+    (tokens x r) projection h1 = x_drop A^T (or x, when r is wider than the input), and the (tokens x out)
+    product h3 only when keep_h3 (the caller's memory plan); without it lambda_b's gradient is formed from h1.
     """
-    if needs_grad:
-        factored = (2 if diagonal else 3) * tokens * rank * (in_f + out_f)
-        merged = tokens * in_f * out_f + 3 * rank * in_f * out_f
-    else:
-        factored = tokens * rank * (in_f + out_f)
-        merged = rank * in_f * out_f
-    if half:
-        merged += tokens * in_f * out_f
-    return merged < factored
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, lambda_d, lambda_b, mask, p, keep_h3):
+        need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
+        dt = x.dtype
+        out_f, in_f = weight.shape
+        x2 = x.reshape(-1, in_f)
+        mask2 = None if mask is None else mask.reshape(-1, in_f)
+        ld, lb = _cast(lambda_d, dt), _cast(lambda_b, dt)
+        h1 = torch.mm(_dropped(x2, mask2, p), _cast(A, dt).t())
+        h3 = torch.mm(h1 * ld, _cast(B, dt).t())
+        y = F.linear(x2, _cast(weight, dt), bias).add_(h3 * lb)
+        keep_h1 = need_d or need_b or need_x
+        keep_x = keep_h1 and A.shape[0] > in_f  # rebuilding h1 from x keeps less than h1 itself
+        keep_h3 = keep_h3 and need_b
+        keep_mask = mask is not None and (keep_x or need_x)
+        ctx.save_for_backward(x if keep_x else None, weight, A, B, lambda_d, lambda_b,
+                              mask if keep_mask else None, h1 if (keep_h1 and not keep_x) else None,
+                              h3 if keep_h3 else None)
+        ctx.p = p
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, A, B, lambda_d, lambda_b, mask, h1, h3 = ctx.saved_tensors
+        need_x, need_w, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
+        if need_w:
+            raise RuntimeError(_FROZEN_WEIGHT)
+        out_f, in_f = weight.shape
+        p, dt = ctx.p, grad_out.dtype
+        g2 = grad_out.reshape(-1, out_f)
+        A, B, ld, lb = _cast(A, dt), _cast(B, dt), _cast(lambda_d, dt), _cast(lambda_b, dt)
+        mask2 = None if mask is None else mask.reshape(-1, in_f)
+        if h1 is None and x is not None:
+            h1 = torch.mm(_dropped(x.reshape(-1, in_f), mask2, p), A.t())
+        grad_x = grad_d = grad_b = grad_bias = None
+        if need_b:
+            if h3 is not None:
+                grad_b = (g2 * h3).sum(0)
+            else:  # sum_t g[t, o] h3[t, o] with h3 = (h1 * lambda_d) B^T, without forming h3
+                grad_b = (torch.mm(g2.t(), h1 * ld) * B).sum(1)
+        if need_d or need_x:
+            u = torch.mm(g2 * lb, B)  # (tokens x r)
+            if need_d:
+                grad_d = (u * h1).sum(0)
+            if need_x:
+                gx_adapter = torch.mm(u * ld, A)
+                grad_x = torch.mm(g2, _cast(weight, dt)).add_(_dropped(gx_adapter, mask2, p))
+                grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
+        if ctx.bias_grad:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None, None
+
+
+class _VeraDense(torch.autograd.Function):
+    """VeRA through delta_W = (lambda_b * B) @ (lambda_d * A), for many tokens: the dense path of _AdaptedLinear,
+    with the scaled factors rebuilt in backward from the frozen bases and the two vectors instead of kept (at
+    r = 1024 on a GPT-2 layer they outweigh every per-token tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, lambda_d, lambda_b, mask, p):
+        need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
+        dt = x.dtype
+        out_f, in_f = weight.shape
+        x2 = x.reshape(-1, in_f)
+        mask2 = None if mask is None else mask.reshape(-1, in_f)
+        delta = torch.mm(_cast(lambda_b[:, None] * B, dt), _cast(lambda_d[:, None] * A, dt))
+        half = dt not in (torch.float32, torch.float64)
+        if mask is None and not half:
+            y = F.linear(x2, _cast(weight, dt) + delta, bias)
+        else:
+            y = F.linear(x2, _cast(weight, dt), bias).addmm_(_dropped(x2, mask2, p), delta.t())
+        keep_x = need_d or need_b
+        ctx.save_for_backward(x if keep_x else None, weight, A, B, lambda_d, lambda_b,
+                              mask if mask is not None and (keep_x or need_x) else None)
+        ctx.p, ctx.half = p, half
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, A, B, lambda_d, lambda_b, mask = ctx.saved_tensors
+        need_x, need_w, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
+        if need_w:
+            raise RuntimeError(_FROZEN_WEIGHT)
+        out_f, in_f = weight.shape
+        p, dt = ctx.p, grad_out.dtype
+        g2 = grad_out.reshape(-1, out_f)
+        A, B, ld, lb = _cast(A, dt), _cast(B, dt), _cast(lambda_d, dt), _cast(lambda_b, dt)
+        mask2 = None if mask is None else mask.reshape(-1, in_f)
+        grad_x = grad_d = grad_b = grad_bias = None
+        if need_d or need_b:
+            gw = torch.mm(g2.t(), _dropped(x.reshape(-1, in_f), mask2, p))  # (out x in), never per token
+            if need_b:  # d/d lambda_b[o] of sum(gw * diag(lambda_b) B diag(lambda_d) A)
+                grad_b = (gw * torch.mm(B * ld, A)).sum(1)
+            if need_d:
+                grad_d = (torch.mm((B * lb[:, None]).t(), gw) * A).sum(1)
+        if need_x:
+            delta = torch.mm(B * lb[:, None], A * ld[:, None])
+            if mask is None and not ctx.half:
+                grad_x = torch.mm(g2, _cast(weight, dt) + delta)
+            else:
+                grad_x = torch.mm(g2, _cast(weight, dt)).add_(_dropped(torch.mm(g2, delta), mask2, p))
+            grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
+        if ctx.bias_grad:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None
+
+
+class _ScaledBases(torch.autograd.Function):
+    """RandLoRA's lambda[:, :, None] * A * gamma[None], keeping only its inputs (not the R x min(in, out) product)."""
+
+    @staticmethod
+    def forward(ctx, A, lam, gamma):
+        ctx.save_for_backward(A, lam, gamma)
+        return lam[:, :, None] * A * gamma[None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        A, lam, gamma = ctx.saved_tensors
+        ga = grad * A  # (r, n, small)
+        grad_lam = (ga * gamma[None]).sum(2) if ctx.needs_input_grad[1] else None
+        grad_gamma = (ga * lam[:, :, None]).sum(0) if ctx.needs_input_grad[2] else None
+        return None, grad_lam, grad_gamma
+
+
+# ---- the plan: which path, and what to keep
+
+
+class _Plan(NamedTuple):
+    path: str  # "dense" | "factored" | "thin" (VeRA's factored form)
+    keep: bool  # factored: keep h; thin: keep h3
+    cost: int  # multiply-adds beyond the frozen matmul
+    kept: int  # bytes kept for backward per call, beyond the frozen tensors
+
+
+def _candidates(tokens, in_f, out_f, width, grads, half, drop, diagonal):
+    """Every exact way to compute one call, with its cost in multiply-adds and the bytes it keeps."""
+    T, n_in, n_out, R = tokens, in_f, out_f, width
+    need_x, need_down, need_up = grads
+    e = 2 if half else 4
+    x_b = T * n_in * e
+    mask_b = T * n_in if drop else 0
+    dense_fwd = R * n_in * n_out + (T * n_in * n_out if (half or drop) else 0)
+    if not (need_x or need_down or need_up):  # no backward: only the forward counts, nothing is kept
+        factored = _Plan("thin" if diagonal else "factored", False, T * R * (n_in + n_out), 0)
+        return [_Plan("dense", False, dense_fwd, 0), factored]
+    out = []
+    if need_down or need_up:
+        if mask_b or half:
+            gx = min(T * n_in * n_out + R * n_in * n_out, T * R * (n_in + n_out)) if need_x else 0
+        else:
+            gx = R * n_in * n_out if need_x else 0
+        bwd = T * n_in * n_out + R * n_in * n_out * (need_up + need_down) + gx
+        out.append(_Plan("dense", False, dense_fwd + bwd, x_b + mask_b))
+    fwd = T * R * (n_in + n_out)
+    if diagonal:  # VeRA: h1 (tokens x r) or x; h3 (tokens x out) optional
+        h1_b = x_b + mask_b if R > n_in else T * R * e + (mask_b if need_x else 0)
+        bwd = T * n_out * R * (need_x or need_down) + T * R * n_in * need_x + (T * R * n_in if R > n_in else 0)
+        out.append(_Plan("thin", False, fwd + bwd + T * n_out * R * need_up, h1_b))
+        if need_up:
+            out.append(_Plan("thin", True, fwd + bwd, h1_b + T * n_out * e))
+        return out
+    bwd = T * n_out * R * ((need_down or need_x) + need_up) + T * R * n_in * (need_down + need_x)
+    masked = mask_b if (need_down or need_x) else 0
+    out.append(_Plan("factored", True, fwd + bwd, x_b * need_down + T * R * e * need_up + masked))
+    if need_up:
+        out.append(_Plan("factored", False, fwd + bwd + T * R * n_in, x_b + mask_b))
+    return out
+
+
+def _plan(tokens, in_f, out_f, width, grads, half, drop, diagonal=False):
+    """The fastest exact path among those that keep no more for backward than both (a) the layer's input and
+    dropout mask, what a trainable linear layer keeps, and (b) the plain two-matmul formulation (the factored
+    form keeping h, VeRA's keeping h3), what autograd over `dropout(x) @ down.T @ up.T` keeps. When none does,
+    the one that keeps least.
+    """
+    cands = _candidates(tokens, in_f, out_f, width, grads, half, drop, diagonal)
+    plain = [c for c in cands if c.path != "dense"]
+    plain = next((c for c in plain if c.keep), plain[0])
+    bound = min(tokens * in_f * (2 if half else 4) + (tokens * in_f if drop else 0), plain.kept)
+    fits = [c for c in cands if c.kept <= bound]
+    if fits:
+        return min(fits, key=lambda c: (c.cost, c.kept))
+    return min(cands, key=lambda c: (c.kept, c.cost))
+
+
+def _merged_path_is_cheaper(tokens, in_f, out_f, width, needs_grad, half, diagonal=False):
+    """Whether the dense (merged-weight) path costs fewer multiply-adds than the factored one for this call.
+
+    width: R, the inner width of up @ down (not the rank). diagonal: only scaling vectors train (VeRA).
+    """
+    grads = (needs_grad, needs_grad, needs_grad)
+    cands = _candidates(tokens, in_f, out_f, width, grads, half, False, diagonal)
+    dense = min(c.cost for c in cands if c.path == "dense")
+    return dense < min(c.cost for c in cands if c.path != "dense")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,7 +409,7 @@ def _merged_path_is_cheaper(tokens, in_f, out_f, rank, needs_grad, half, diagona
 class AdapterLayer(nn.Module):
     """Replaces an nn.Linear or a GPT-2 Conv1D; owns the base weight/bias (same Parameter objects)."""
 
-    def __init__(self, base, method, rank, alpha, dropout, bases=None, enable=None, generator=None):
+    def __init__(self, base, method, rank, alpha, dropout, bases=None, fused_slices=None, generator=None):
         super().__init__()
         self.fan_in_fan_out = isinstance(base, Conv1D) if Conv1D else False
         self.weight, self.bias = base.weight, base.bias
@@ -170,13 +421,13 @@ class AdapterLayer(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.enable = tuple(enable) if enable else None
+        self.fused_slices = tuple(fused_slices) if fused_slices else None  # which of q, k, v a fused layer adapts
         object.__setattr__(self, "_bases", bases)  # shared, owned by the model: not a child of every layer
         kw = dict(device=self.weight.device, dtype=torch.float32)
         if method == "lora":
             self.scale = alpha / rank
-            n_groups = len(self.enable) if self.enable else 1
-            n_on = sum(self.enable) if self.enable else 1
+            n_groups = len(self.fused_slices) if self.fused_slices else 1
+            n_on = sum(self.fused_slices) if self.fused_slices else 1
             if self.out_features % n_groups:
                 raise AdapterError(f"cannot split {self.out_features} outputs into {n_groups} fused projections")
             self.lora_A = nn.Parameter(torch.empty(rank * n_on, self.in_features, **kw))
@@ -191,27 +442,40 @@ class AdapterLayer(nn.Module):
             self.n_bases = math.ceil(min(self.in_features, self.out_features) / rank)
             small = min(self.in_features, self.out_features)
             self.randlora_lambda = nn.Parameter(torch.zeros(rank, self.n_bases, **kw))
-            self.randlora_gamma = nn.Parameter(torch.full((self.n_bases, small), 1 / max(self.in_features, self.out_features), **kw))
+            init = 1 / max(self.in_features, self.out_features)
+            self.randlora_gamma = nn.Parameter(torch.full((self.n_bases, small), init, **kw))
         else:
             raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
 
+    @property
+    def enable(self):
+        """Former name of fused_slices (loralib's enable_lora): the mask of fused q/k/v slices adapted."""
+        return self.fused_slices
+
     def adapter_names(self):
         if "_adapter_names" not in self.__dict__:  # fixed once the parameters exist; asked on every forward
-            self._adapter_names = tuple(n for n, _ in self.named_parameters(recurse=False) if n not in ("weight", "bias"))
+            names = (n for n, _ in self.named_parameters(recurse=False) if n not in ("weight", "bias"))
+            self._adapter_names = tuple(names)
         return self._adapter_names
 
     def factors(self, params=None):
         """(down, up) with delta_W = scale * up @ down, from the current parameters or a snapshot of them."""
         P = params if params is not None else {n: getattr(self, n) for n in self.adapter_names()}
         if self.method == "lora":
-            if not self.enable:
+            if not self.fused_slices:
                 return P["lora_A"], P["lora_B"]
             # Place each enabled slice's B block on its rows of the fused output, block-diagonally.
-            d, r = self.out_features // len(self.enable), self.r
-            blocks = torch.block_diag(*P["lora_B"].split(d, dim=0))
-            rows = torch.cat([torch.arange(i * d, (i + 1) * d) for i, on in enumerate(self.enable) if on])
-            up = blocks.new_zeros(self.out_features, r * sum(self.enable)).index_copy(0, rows.to(blocks.device), blocks)
-            return P["lora_A"], up
+            # Built from pads and a concatenation, whose backward keeps nothing but sizes.
+            d, r, n_on = self.out_features // len(self.fused_slices), self.r, sum(self.fused_slices)
+            parts, pieces = [], iter(P["lora_B"].split(d, dim=0))
+            j = 0
+            for on in self.fused_slices:
+                if on:
+                    parts.append(F.pad(next(pieces), (j * r, (n_on - j - 1) * r)))
+                    j += 1
+                else:
+                    parts.append(P["lora_B"].new_zeros(d, r * n_on))
+            return P["lora_A"], torch.cat(parts, 0)
         if self.method == "vera":
             A, B = self._bases.vera_A, self._bases.vera_B
             down = P["vera_lambda_d"][:, None] * A[:, : self.in_features]
@@ -221,7 +485,7 @@ class AdapterLayer(nn.Module):
         small, large = sorted((self.in_features, self.out_features))
         A = self._bases.randlora_A[:, : self.n_bases, :small]
         B = self._bases.randlora_B[:large, : self.n_bases, :]
-        a_flat = (P["randlora_lambda"][:, :, None] * A * P["randlora_gamma"][None]).flatten(0, 1)
+        a_flat = _ScaledBases.apply(A, P["randlora_lambda"], P["randlora_gamma"]).flatten(0, 1)
         b_flat = B.flatten(1)
         if small == self.in_features:
             return a_flat, b_flat  # delta_W = B A: (out=large x in=small)
@@ -292,33 +556,42 @@ class AdapterLayer(nn.Module):
             self.unmerge()  # a step that needs adapter gradients must not run on merged weights
         weight, bias = self._weight_out_in(), self.bias
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x, weight = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight))
+        x = _cast(x, dtype)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        x_drop = self.dropout(x) if (self.dropout is not None and self.training) else None
-        merged = x_drop is None and _merged_path_is_cheaper(
-            x.numel() // self.in_features, self.in_features, self.out_features, self.width, needs_grad,
-            dtype not in (torch.float32, torch.float64), diagonal=self.method == "vera")
-        if self.method == "vera" and not merged:
-            # Few tokens: VeRA trains only two scaling vectors, so plain autograd over the thin (tokens x r)
-            # products is cheapest here (PEFT's formulation); their activations are small at this size.
-            A = self._bases.vera_A[:, : self.in_features].to(dtype)
-            B = self._bases.vera_B[: self.out_features].to(dtype)
-            h = F.linear(x if x_drop is None else x_drop, A) * self.vera_lambda_d.to(dtype)
-            return F.linear(x, weight, bias) + F.linear(h, B) * self.vera_lambda_b.to(dtype)
-        down, up = (t if t.dtype == dtype else t.to(dtype) for t in self.factors())
-        return _AdaptedLinear.apply(x, weight, bias, down, up, self.scale, x_drop, merged)
+        p = self.dropout.p if (self.dropout is not None and self.training) else 0.0
+        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
+        grads = (needs_grad and x.requires_grad,) + (self._factor_grads() if needs_grad else (False, False))
+        plan = _plan(x.numel() // self.in_features, self.in_features, self.out_features, self.width, grads,
+                     dtype not in (torch.float32, torch.float64), mask is not None, diagonal=self.method == "vera")
+        if self.method == "vera":  # its own functions: the scaled factors are never kept
+            A = self._bases.vera_A[:, : self.in_features]
+            B = self._bases.vera_B[: self.out_features]
+            if plan.path == "dense":
+                return _VeraDense.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p)
+            return _VeraThin.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p, plan.keep)
+        down, up = self.factors()
+        return _AdaptedLinear.apply(x, weight, bias, down, up, self.scale, mask, p, plan.path == "dense", plan.keep)
+
+    def _factor_grads(self):
+        """(down needs grad, up needs grad): which side of delta_W = up @ down carries the trainable tensors."""
+        if self.method == "lora":
+            return self.lora_A.requires_grad, self.lora_B.requires_grad
+        if self.method == "vera":
+            return self.vera_lambda_d.requires_grad, self.vera_lambda_b.requires_grad
+        trainable = self.randlora_lambda.requires_grad or self.randlora_gamma.requires_grad
+        return (trainable, False) if self.in_features <= self.out_features else (False, trainable)
 
     @property
     def width(self):
         """R, the inner width of up @ down."""
         if self.method == "lora":
-            return self.r * (sum(self.enable) if self.enable else 1)
+            return self.r * (sum(self.fused_slices) if self.fused_slices else 1)
         return self.r if self.method == "vera" else self.r * self.n_bases
 
     def extra_repr(self):
         return (f"{self.method}: in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
-                + (f", slices={self.enable}" if self.enable else "") + (", merged" if self.merged else ""))
+                + (f", slices={self.fused_slices}" if self.fused_slices else "") + (", merged" if self.merged else ""))
 
 
 class SharedBases(nn.Module):
@@ -354,7 +627,7 @@ def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def adapter_layers(model):
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
@@ -363,24 +636,62 @@ def _set_child(model, name, new):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def default_alpha(method, rank):
+def default_alpha(method: str, rank: int) -> float:
     """alpha when none is given: LoRA's scale 1 (alpha = rank), PEFT's RandLoRA default 640; VeRA has no scale."""
     return {"lora": rank, "randlora": 640, "vera": 1}[method]
 
 
-def apply_adapter(model, method, rank, alpha=None, target_modules=None, dropout=0.0, seed=0, modules_to_save=None,
-                  fused_qkv_lora=True):
+def _check_method(method):
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+    return method.lower()
+
+
+def _check_rank(rank):
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank != rank or rank <= 0 \
+            or (isinstance(rank, float) and not rank.is_integer()):
+        raise AdapterError(f"adapter rank must be a positive integer, got {rank!r}")
+    return int(rank)
+
+
+def _check_alpha(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"adapter alpha must be a positive finite number (scale = alpha / rank), got {alpha!r}")
+    return float(alpha)
+
+
+def _check_dropout(dropout):
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdapterError(f"adapter dropout must be a probability in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def _names(names, what):
+    """A list of module names from a list, or a comma-separated string (a bare string is not split into letters)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not all(isinstance(n, str) and n for n in names):
+        raise AdapterError(f"{what} must be module names, got {names!r}")
+    return list(names)
+
+
+def apply_adapter(model: nn.Module, method: str, rank: int, alpha: float | None = None,
+                  target_modules: Names = None, dropout: float = 0.0, seed: int = 0, modules_to_save: Names = None,
+                  fused_qkv_lora: bool = True) -> nn.Module:
     """Adapt `model` in place and freeze everything but the adapter and `modules_to_save`; returns the model.
 
     target_modules: module-name suffixes (default: the architecture's query/value projections).
     fused_qkv_lora: with LoRA, adapt only the q and v slices of GPT-2's fused c_attn (as loralib's MergedLinear).
     """
-    method = method.lower()
-    if method not in METHODS:
-        raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
-    if rank is None or int(rank) <= 0:
-        raise AdapterError(f"adapter rank must be a positive integer, got {rank!r}")
-    rank = int(rank)
+    method, rank, alpha_given = _check_method(method), _check_rank(rank), alpha is not None
+    alpha = default_alpha(method, rank) if alpha is None else _check_alpha(alpha)
+    dropout = _check_dropout(dropout)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise AdapterError(f"adapter seed must be an integer, got {seed!r}")
+    target_modules = _names(target_modules, "target_modules")
+    modules_to_save = _names(modules_to_save, "modules_to_save")
     if adapter_layers(model):
         raise AdapterError("model already has an adapter; load a fresh base model to apply another")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -393,8 +704,6 @@ def apply_adapter(model, method, rank, alpha=None, target_modules=None, dropout=
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise AdapterError(f"no linear layer matches target_modules {targets}; this model's linear layers are "
                            f"named {linear}")
-    if alpha is None:
-        alpha = default_alpha(method, rank)
     shapes = [(m.weight.shape[::-1] if (Conv1D and isinstance(m, Conv1D)) else m.weight.shape) for _, m in found]
     bases = None
     if method in ("vera", "randlora"):
@@ -406,13 +715,13 @@ def apply_adapter(model, method, rank, alpha=None, target_modules=None, dropout=
     layer_info = {}
     for name, module in found:
         short = name.rsplit(".", 1)[-1]
-        enable = FUSED_QKV_LORA.get(short) if (method == "lora" and fused_qkv_lora and Conv1D
+        slices = FUSED_QKV_LORA.get(short) if (method == "lora" and fused_qkv_lora and Conv1D
                                                and isinstance(module, Conv1D)) else None
-        layer = AdapterLayer(module, method, rank, float(alpha), dropout, bases, enable, generator)
+        layer = AdapterLayer(module, method, rank, float(alpha), dropout, bases, slices, generator)
         layer.train(model.training)
         _set_child(model, name, layer)
         layer_info[name] = {"in": layer.in_features, "out": layer.out_features,
-                            "fan_in_fan_out": layer.fan_in_fan_out, "enable": list(enable) if enable else None}
+                            "fan_in_fan_out": layer.fan_in_fan_out, "enable": list(slices) if slices else None}
     saved_modules = []
     for name, module in model.named_modules():
         if modules_to_save and _matches(name, modules_to_save) and not isinstance(module, AdapterLayer):
@@ -421,26 +730,27 @@ def apply_adapter(model, method, rank, alpha=None, target_modules=None, dropout=
     if modules_to_save and not saved_modules:
         raise AdapterError(f"no module matches modules_to_save {list(modules_to_save)}")
     model.peft_layers_config = {
-        "method": method, "rank": rank, "alpha": float(alpha), "dropout": dropout, "seed": seed,
+        "method": method, "rank": rank, "alpha": float(alpha), "alpha_given": alpha_given, "dropout": dropout,
+        "seed": seed,
         "target_modules": targets, "modules_to_save": list(modules_to_save or []), "fused_qkv_lora": fused_qkv_lora,
         "layers": layer_info, "model_type": model_type,
     }
     return model
 
 
-def merge_adapter(model):
+def merge_adapter(model: nn.Module) -> nn.Module:
     for _, layer in adapter_layers(model):
         layer.merge()
     return model
 
 
-def unmerge_adapter(model):
+def unmerge_adapter(model: nn.Module) -> nn.Module:
     for _, layer in adapter_layers(model):
         layer.unmerge()
     return model
 
 
-def merge_and_unload(model):
+def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the adapter into the weights and put plain nn.Linear / Conv1D layers back: a plain HF model."""
     for name, layer in adapter_layers(model):
         layer.merge()
@@ -459,7 +769,7 @@ def merge_and_unload(model):
     return model
 
 
-def trainable_parameters(model):
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -486,7 +796,7 @@ def _saved_module_tensors(model, cfg):
     return out
 
 
-def adapter_state_dict(model):
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors (+ modules_to_save and the shared projections), keyed by their names in the model."""
     cfg = _config_of(model)
     sd = {}
@@ -505,7 +815,7 @@ def _to_saveable(sd):
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
-def save_adapter(model, path):
+def save_adapter(model: nn.Module, path: PathLike) -> Path:
     """Write `path/adapter.safetensors` (adapter + modules_to_save + projections) and `path/adapter.json`."""
     cfg = _config_of(model)
     path = Path(path)
@@ -540,7 +850,71 @@ def _strip_prefixes(sd, model):
     return out
 
 
-def _load_tensors(model, sd, source):
+def _read_json(path):
+    """A JSON object from an adapter config; every way it can be unreadable is one AdapterError."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise AdapterError(f"adapter config {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"adapter config {path} is not UTF-8 text (byte {e.start}): is it the right file?") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"adapter config {path} is not valid JSON (line {e.lineno}: {e.msg}); re-save the "
+                           "adapter") from None
+    except OSError as e:
+        raise AdapterError(f"cannot read adapter config {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"adapter config {path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _read_safetensors(path):
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise AdapterError(f"adapter weights {path} do not exist") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"adapter weights {path} are not a readable safetensors file (truncated or corrupt: "
+                           f"{_one_line(e)}); re-save or re-download them") from None
+
+
+def _read_pt(path):
+    """A loralib/PyTorch state dict, loaded with weights_only=True: tensors and plain containers, nothing else."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise AdapterError(f"adapter checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        if "unsupported global" not in str(e).lower():  # not a refused object: bytes that are no valid pickle
+            raise AdapterError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt pickle data); "
+                               "re-save or re-download it") from None
+        # torch's own message advises weights_only=False, which would run code from the file: not repeated here
+        raise AdapterError(f"{path} holds objects other than tensors and plain containers, which this toolkit does "
+                           "not unpickle; save only the state dict (torch.save(lora_state_dict(model), path)) or "
+                           "convert it to safetensors") from None
+    except (EOFError, OSError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
+                           f"{_one_line(e)})") from None
+    if not isinstance(sd, dict):
+        raise AdapterError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors")
+    sd = sd.get("model_state_dict", sd.get("state_dict", sd))
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise AdapterError(f"{path} is not a state dict of named tensors")
+    return sd
+
+
+def _one_line(e):
+    text = " ".join(str(e).split())
+    return (text[:160] + "...") if len(text) > 160 else (text or type(e).__name__)
+
+
+def _meta_value(meta, key, source):
+    if key not in meta:
+        raise AdapterError(f"adapter config {source} lacks {key!r}; re-save the adapter")
+    return meta[key]
+
+
+def _load_tensors(model, sd, source, alpha=None):
     """Copy every tensor of `sd` into the model; any key, rank or shape that does not fit raises AdapterError."""
     layers = dict(adapter_layers(model))
     params = dict(model.named_parameters())
@@ -556,12 +930,16 @@ def _load_tensors(model, sd, source):
             layer = layers.get(layer_name)
             if layer is not None and pn in ("lora_A", "lora_B", "vera_lambda_d", "randlora_lambda"):
                 ck_rank = tensor.shape[1] if pn == "lora_B" else tensor.shape[0]
-                if pn == "lora_A" and layer.enable:
-                    ck_rank //= sum(layer.enable)
+                if pn == "lora_A" and layer.fused_slices:
+                    ck_rank //= sum(layer.fused_slices)
                 if ck_rank != layer.r:
                     problems.append(f"checkpoint has rank {ck_rank} for {layer_name}, model has rank {layer.r}")
                     continue
             problems.append(f"shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
+        elif not tensor.is_floating_point():
+            problems.append(f"checkpoint tensor {key} is {tensor.dtype}, not floating point")
+        elif not bool(torch.isfinite(tensor).all()):
+            problems.append(f"checkpoint tensor {key} holds NaN or infinite values")
     expected = {f"{n}.{pn}" for n, layer in layers.items() for pn in layer.adapter_names()}
     missing = sorted(expected - set(sd))
     if missing:
@@ -572,6 +950,7 @@ def _load_tensors(model, sd, source):
     # Weights merged under the old adapter values are unmerged first, and merged again with the new ones.
     remerge = any(layer.merged for layer in layers.values()) or not model.training
     unmerge_adapter(model)
+    _take_alpha(model, alpha, source)
     with torch.no_grad():
         for key, tensor in sd.items():
             target = params.get(key, buffers.get(key))
@@ -581,49 +960,75 @@ def _load_tensors(model, sd, source):
     return model
 
 
-def load_adapter(model, path):
+def _take_alpha(model, alpha, source):
+    """The checkpoint's alpha (the scale of its update) must be the model's: a model whose alpha was a default
+    takes the checkpoint's; an explicitly different alpha is an error, never a silent rescale."""
+    cfg = _config_of(model)
+    if cfg["method"] == "vera":  # no scale
+        return
+    if alpha is None:
+        logger.warning("%s records no alpha: using the model's alpha=%g (scale alpha/r = %g)", source, cfg["alpha"],
+                       cfg["alpha"] / cfg["rank"])
+        return
+    if math.isclose(alpha, cfg["alpha"], rel_tol=1e-6):
+        return
+    if cfg.get("alpha_given", True):
+        raise AdapterError(f"{source} was trained with alpha={alpha:g}, but the model's adapter has alpha="
+                           f"{cfg['alpha']:g}; apply the adapter with alpha={alpha:g} (e.g. --lora_alpha {alpha:g}), "
+                           "or leave alpha unset so the checkpoint's is used")
+    logger.info("%s: using the checkpoint's alpha=%g (the model's default was %g)", source, alpha, cfg["alpha"])
+    cfg["alpha"] = float(alpha)
+    for _, layer in adapter_layers(model):
+        layer.alpha, layer.scale = float(alpha), float(alpha) / layer.r
+
+
+def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     """Load an adapter saved by save_adapter (dir or .safetensors), a PEFT dir, or a loralib .pt/.bin state dict.
 
     A model without an adapter gets one applied from the saved config first (ours or PEFT's). Every checkpoint
     tensor must land in the model and every adapter tensor of the model must be in the checkpoint.
     """
     path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"adapter path {path} does not exist")
     if path.is_dir() and not (path / ADAPTER_FILE).exists() and (path / PEFT_CONFIG).exists():
         return load_peft(model, path)
     if path.is_dir():
         weights, meta_file = path / ADAPTER_FILE, path / CONFIG_FILE
+        if not weights.exists():
+            raise AdapterError(f"{path} holds no adapter: neither {ADAPTER_FILE} (save_adapter) nor {PEFT_CONFIG} + "
+                               f"{PEFT_WEIGHTS} (PEFT)")
     elif path.suffix == ".safetensors":
         weights, meta_file = path, path.with_name(CONFIG_FILE)
     elif path.suffix in (".pt", ".bin", ".pth"):
         return _load_loralib(model, path)
     else:
-        raise AdapterError(f"adapter path {path} is neither a folder nor a .safetensors/.pt file")
-    if not weights.exists():
-        raise AdapterError(f"adapter weights not found: {weights}")
+        raise AdapterError(f"adapter path {path} is neither a folder nor a .safetensors/.pt/.bin file")
+    meta = _read_json(meta_file) if meta_file.exists() else None
     if not adapter_layers(model):
-        if not meta_file.exists():
+        if meta is None:
             raise AdapterError(f"{meta_file} not found: cannot tell which adapter to build")
-        meta = json.loads(meta_file.read_text())
-        apply_adapter(model, meta["method"], meta["rank"], meta["alpha"], meta["target_modules"],
+        apply_adapter(model, _meta_value(meta, "method", meta_file), _meta_value(meta, "rank", meta_file),
+                      _meta_value(meta, "alpha", meta_file), _meta_value(meta, "target_modules", meta_file),
                       meta.get("dropout", 0.0), meta.get("seed", 0), meta.get("modules_to_save") or None,
                       meta.get("fused_qkv_lora", True))
-    elif meta_file.exists():
-        meta = json.loads(meta_file.read_text())
+    elif meta is not None:
         cfg = _config_of(model)
-        if meta["method"] != cfg["method"]:
+        if _meta_value(meta, "method", meta_file) != cfg["method"]:
             raise AdapterError(f"checkpoint holds a {meta['method']} adapter, model has {cfg['method']}")
-    return _load_tensors(model, _strip_prefixes(load_file(str(weights)), model), str(path))
+    alpha = None
+    if meta is not None:
+        alpha = _check_alpha(_meta_value(meta, "alpha", meta_file)) if meta.get("method") != "vera" else 1.0
+    return _load_tensors(model, _strip_prefixes(_read_safetensors(weights), model), str(path), alpha)
 
 
 def _load_loralib(model, path):
     """microsoft/LoRA checkpoints: a state dict from loralib.lora_state_dict (keys `...query.lora_A`)."""
     if not adapter_layers(model):
         raise AdapterError(f"{path} is a loralib checkpoint, which holds no rank or alpha: apply a LoRA adapter "
-                           "with the checkpoint's rank and alpha first (run_glue.py: --apply_lora --lora_r R --lora_alpha A)")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise AdapterError(f"{path} does not hold a state dict")
-    sd = sd.get("model_state_dict", sd.get("state_dict", sd))
+                           "with the checkpoint's rank and alpha first "
+                           "(run_glue.py: --apply_lora --lora_r R --lora_alpha A)")
+    sd = _read_pt(path)
     return _load_tensors(model, _strip_prefixes(sd, model), str(path))
 
 
@@ -632,7 +1037,8 @@ def _load_loralib(model, path):
 _PEFT_TYPE = {"lora": "LORA", "vera": "VERA", "randlora": "RANDLORA"}
 
 
-def peft_config(method, rank, alpha, target_modules, dropout=0.0, seed=0, modules_to_save=None, **extra):
+def peft_config(method: str, rank: int, alpha: float | None, target_modules: Sequence[str], dropout: float = 0.0,
+                seed: int = 0, modules_to_save: Sequence[str] | None = None, **extra: Any) -> Any:
     """The HF PEFT config equivalent to apply_adapter's arguments (same defaults), for side-by-side runs.
 
     target_modules is required (PEFT would pick its own defaults); extra keys go to the config (task_type...).
@@ -640,17 +1046,17 @@ def peft_config(method, rank, alpha, target_modules, dropout=0.0, seed=0, module
     import peft
     if method not in METHODS:
         raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
-    common = dict(r=rank, target_modules=list(target_modules), modules_to_save=modules_to_save, **extra)
+    shared = dict(r=rank, target_modules=list(target_modules), modules_to_save=modules_to_save, **extra)
     alpha = default_alpha(method, rank) if alpha is None else alpha
     if method == "lora":
-        return peft.LoraConfig(lora_alpha=alpha, lora_dropout=dropout, **common)
+        return peft.LoraConfig(lora_alpha=alpha, lora_dropout=dropout, **shared)
     if method == "vera":
-        return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **common)
+        return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **shared)
     return peft.RandLoraConfig(randlora_alpha=alpha, randlora_dropout=dropout, projection_prng_key=seed,
-                               save_projection=True, **common)
+                               save_projection=True, **shared)
 
 
-def save_peft(model, path, base_model_name_or_path=None):
+def save_peft(model: nn.Module, path: PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` reads."""
     cfg = _config_of(model)
     method, prefix = cfg["method"], "base_model.model."
@@ -661,7 +1067,7 @@ def save_peft(model, path, base_model_name_or_path=None):
             down, up = layer.factors()
             sd[f"{prefix}{name}.lora_A.weight"] = down
             sd[f"{prefix}{name}.lora_B.weight"] = up
-            if layer.enable:  # fused q/v slices = one LoRA of rank r * slices with a block-diagonal B
+            if layer.fused_slices:  # fused q/v slices = one LoRA of rank r * slices with a block-diagonal B
                 rank_pattern[name] = down.shape[0]
                 alpha_pattern[name] = cfg["alpha"] * down.shape[0] / layer.r
         else:
@@ -676,52 +1082,55 @@ def save_peft(model, path, base_model_name_or_path=None):
             if method == "randlora":  # PEFT's RandLoRA files also repeat the bases under every layer
                 for name, _ in adapter_layers(model):
                     sd[f"{prefix}{name}.{bn}"] = b
-    common = {"peft_type": _PEFT_TYPE[method], "target_modules": cfg["target_modules"], "r": cfg["rank"],
+    config = {"peft_type": _PEFT_TYPE[method], "target_modules": cfg["target_modules"], "r": cfg["rank"],
               "modules_to_save": cfg["modules_to_save"] or None, "fan_in_fan_out": fan_in_fan_out,
               "bias": "none", "task_type": None, "inference_mode": True, "init_weights": True,
               "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
               "layers_pattern": None, "revision": None}
     if method == "lora":
-        common.update(lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], init_lora_weights=True,
+        config.update(lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], init_lora_weights=True,
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False, use_dora=False)
-        del common["init_weights"]
+        del config["init_weights"]
     elif method == "vera":
-        common.update(vera_dropout=cfg["dropout"], projection_prng_key=cfg["seed"], save_projection=True,
+        config.update(vera_dropout=cfg["dropout"], projection_prng_key=cfg["seed"], save_projection=True,
                       d_initial=0.1)
     else:
-        common.update(randlora_alpha=cfg["alpha"], randlora_dropout=cfg["dropout"],
+        config.update(randlora_alpha=cfg["alpha"], randlora_dropout=cfg["dropout"],
                       projection_prng_key=cfg["seed"], save_projection=True, sparse=False, very_sparse=False)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     saveable = _to_saveable(sd)
     _atomic(path / PEFT_WEIGHTS, lambda tmp: save_file(saveable, tmp, metadata={"format": "pt"}))
-    _atomic(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(common, indent=2) + "\n"))
+    _atomic(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 
-def load_peft(model, path):
+def load_peft(model: nn.Module, path: PathLike) -> nn.Module:
     """Load a Hugging Face PEFT adapter folder (LoRA, VeRA or RandLoRA) into `model`, applying it if needed."""
     path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"adapter path {path} does not exist")
     cfg_file, weights = path / PEFT_CONFIG, path / PEFT_WEIGHTS
     if not cfg_file.exists() or not weights.exists():
         raise AdapterError(f"{path} is not a PEFT adapter folder (needs {PEFT_CONFIG} and {PEFT_WEIGHTS})")
-    pc = json.loads(cfg_file.read_text())
+    pc = _read_json(cfg_file)
     method = {v: k for k, v in _PEFT_TYPE.items()}.get(pc.get("peft_type"))
     if method is None:
         raise AdapterError(f"unsupported PEFT adapter type {pc.get('peft_type')!r}; supported: LORA, VERA, RANDLORA")
     if pc.get("use_dora") or pc.get("rank_pattern") and method == "lora" and len(set(pc["rank_pattern"].values())) > 1:
         raise AdapterError(f"{path}: DoRA and mixed per-layer ranks are not supported")
-    targets = pc["target_modules"]
+    targets = _meta_value(pc, "target_modules", cfg_file)
     if isinstance(targets, str):
         raise AdapterError(f"{path}: regex target_modules ({targets!r}) are not supported; list module names")
-    rank = pc["r"]
-    alpha = {"lora": pc.get("lora_alpha"), "vera": 1.0, "randlora": pc.get("randlora_alpha")}[method]
+    rank = _check_rank(_meta_value(pc, "r", cfg_file))
+    alpha = {"lora": pc.get("lora_alpha", 8), "vera": 1.0, "randlora": pc.get("randlora_alpha", 640)}[method]
+    alpha = _check_alpha(alpha)
     if method == "lora" and pc.get("rank_pattern"):
         # only the uniform case: every layer got the same override
-        new_rank = next(iter(pc["rank_pattern"].values()))
-        alpha = pc.get("alpha_pattern", {}).get(next(iter(pc["rank_pattern"])), alpha * new_rank / rank)
+        new_rank = _check_rank(next(iter(pc["rank_pattern"].values())))
+        alpha = _check_alpha(pc.get("alpha_pattern", {}).get(next(iter(pc["rank_pattern"])), alpha * new_rank / rank))
         rank = new_rank
-    sd = _strip_prefixes(load_file(str(weights)), model)
+    sd = _strip_prefixes(_read_safetensors(weights), model)
     if not adapter_layers(model):
         dropout = pc.get("lora_dropout", pc.get("vera_dropout", pc.get("randlora_dropout", 0.0))) or 0.0
         apply_adapter(model, method, rank, alpha, targets, dropout, pc.get("projection_prng_key", 0),
@@ -738,4 +1147,4 @@ def load_peft(model, path):
         if k in ("vera_A", "vera_B", "randlora_A", "randlora_B"):
             k = f"{BASES_ATTR}.{k}"
         ours[k] = v
-    return _load_tensors(model, ours, str(path))
+    return _load_tensors(model, ours, str(path), alpha)

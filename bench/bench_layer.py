@@ -65,7 +65,8 @@ def main():
     print(f"tokens={args.tokens} width={args.width} reps={args.reps} (median CPU ms per forward+backward, 1 thread)")
     for method, _, _ in SETTINGS:
         ours, theirs = (statistics.median(times[f"{i}-{method}"]) for i in ("ours", "peft"))
-        print(f"{method:<9} ours {ours * 1e3:7.2f} ms   PEFT {theirs * 1e3:7.2f} ms   ours is {theirs / ours:.2f}x faster")
+        print(f"{method:<9} ours {ours * 1e3:7.2f} ms   PEFT {theirs * 1e3:7.2f} ms   "
+              f"ours is {theirs / ours:.2f}x faster")
 
 
 if __name__ == "__main__":
