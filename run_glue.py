@@ -21,8 +21,10 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +91,9 @@ class ModelArguments:
     adapter_path: str | None = field(default=None, metadata={
         "aliases": ["--lora_path"], "help": "start from this adapter checkpoint (our folder, a PEFT folder or a "
                                              "loralib .pt/.bin); --lora_path is microsoft/LoRA's name"})
+    new_head: bool = field(default=False, metadata={
+        "help": "load only the adapter from --adapter_path and start a new classifier head (the LoRA paper starts "
+                "MRPC, RTE and STS-B from the MNLI adapter this way)"})
     ignore_mismatched_sizes: bool = field(default=False, metadata={
         "help": "start a new classifier head when the checkpoint's has another number of labels (e.g. from MNLI)"})
     resume: bool = field(default=False, metadata={
@@ -453,10 +458,32 @@ def add_adapter(model, recipe, model_args):
                                   targets, recipe.dropout, seed=recipe.projection_seed, modules_to_save=heads)
     if model_args.adapter_path:
         try:  # without adapter flags, the checkpoint's own config decides which adapter is built
-            peft_layers.load_adapter(model, model_args.adapter_path)
+            if model_args.new_head:
+                load_adapter_without_head(model, model_args.adapter_path, heads)
+            else:
+                peft_layers.load_adapter(model, model_args.adapter_path)
         except peft_layers.AdapterError as e:
             raise UsageError(f"--lora_path: {e}") from None
     return model
+
+
+def load_adapter_without_head(model, path, heads):
+    """--new_head: load every adapter tensor of a checkpoint saved by this script, but none of its head's."""
+    path = Path(path)
+    weights, config = path / peft_layers.ADAPTER_FILE, path / peft_layers.CONFIG_FILE
+    if not (path.is_dir() and weights.exists() and config.exists()):
+        raise UsageError(f"--new_head needs a folder saved by run_glue.py ({peft_layers.ADAPTER_FILE} + "
+                         f"{peft_layers.CONFIG_FILE}); {path} is not one")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    kept = {k: v for k, v in tensors.items() if not any(re.search(rf"(^|\.){re.escape(h)}\.", k) for h in heads)}
+    logger.info("--new_head: %d adapter tensors loaded from %s, %d head tensors left out (the head starts new)",
+                len(kept), path, len(tensors) - len(kept))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(kept, str(Path(tmp) / peft_layers.ADAPTER_FILE))
+        shutil.copy(config, Path(tmp) / peft_layers.CONFIG_FILE)
+        peft_layers.load_adapter(model, tmp)
 
 
 def add_peft_adapter(model, recipe, model_args, heads):

@@ -217,7 +217,7 @@ add_run() {  # add_run MODEL SPEC SEED TASK
   cap=$(per_task "$task" "${MAX_EVAL_SAMPLES:-}"); if [ -n "$cap" ]; then run+=(--max_eval_samples "$cap"); fi
   if [[ " ${FROM_MNLI:-} " == *" $task "* ]] && [ "$method" != full ]; then
     need="$root/$seed/mnli"  # the LoRA paper starts these tasks from the MNLI adapter (a new head)
-    run+=(--lora_path "$need")
+    run+=(--lora_path "$need" --new_head)
   fi
   label="$task $name seed $seed"
   [ "$nmodels" -eq 1 ] || label="$(basename "$model") $label"

@@ -224,3 +224,32 @@ def test_randlora_targets_and_the_forks_scale_on_a_model(tiny_roberta):
 def test_old_trainer_flag_names_of_the_source_tools_are_accepted():
     _, training_args = recipe_of("--apply_lora", "--evaluation_strategy", "epoch", "--local-rank=0")
     assert training_args.eval_strategy == "epoch" and training_args.local_rank == 0
+
+
+def test_new_head_starts_from_another_tasks_adapter_with_a_fresh_head(tmp_path):
+    """The LoRA paper starts MRPC/RTE/STS-B from the MNLI adapter: every adapter tensor loads, no head tensor does."""
+    from safetensors.torch import load_file
+    from transformers import RobertaForSequenceClassification
+
+    import peft_layers
+    from run_glue import load_adapter_without_head
+
+    def adapted(num_labels, seed):
+        torch.manual_seed(seed)
+        model = RobertaForSequenceClassification(tiny_roberta_config(num_labels=num_labels))
+        return peft_layers.apply_adapter(model, "lora", 4, 8, ["query", "value"], modules_to_save=["classifier"])
+
+    mnli = adapted(3, 0)
+    for param in mnli.parameters():
+        if param.requires_grad:
+            param.data.normal_()  # a trained adapter and head
+    peft_layers.save_adapter(mnli, tmp_path / "mnli")
+    mrpc = adapted(2, 1)
+    head_before = {n: p.detach().clone() for n, p in mrpc.named_parameters() if "classifier" in n}
+    load_adapter_without_head(mrpc, tmp_path / "mnli", ["classifier"])
+    saved = load_file(str(tmp_path / "mnli" / peft_layers.ADAPTER_FILE))
+    adapter_keys = [k for k in saved if "lora_" in k]
+    assert adapter_keys and all(torch.equal(dict(mrpc.named_parameters())[k], saved[k]) for k in adapter_keys)
+    assert all(torch.equal(p, head_before[n]) for n, p in mrpc.named_parameters() if "classifier" in n)
+    with pytest.raises(peft_layers.AdapterError, match="classifier"):  # without --new_head the head must fit
+        peft_layers.load_adapter(adapted(2, 1), tmp_path / "mnli")

@@ -93,6 +93,7 @@ def test_vera_and_lora_presets_follow_their_papers():
     by_task = {r["task_name"]: r for r in lora if r["seed"] == "3"}
     assert by_task["mrpc"]["lora_path"] == by_task["mnli"]["output_dir"] == "finetuned_results/lora_paper/lora8/3/mnli"
     assert "lora_path" not in by_task["sst2"] and "lora_path" not in by_task["mnli"]
+    assert by_task["mrpc"]["new_head"] is True and "new_head" not in by_task["sst2"]  # MNLI's adapter, a new head
     assert {t: (r["learning_rate"], r["num_train_epochs"]) for t, r in by_task.items()} == {
         "mnli": ("5e-4", "30"), "sst2": ("5e-4", "60"), "mrpc": ("4e-4", "30"), "cola": ("4e-4", "80"),
         "qnli": ("4e-4", "25"), "qqp": ("5e-4", "25"), "rte": ("5e-4", "80"), "stsb": ("4e-4", "40")}
