@@ -57,7 +57,6 @@ __all__ = ["apply_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unloa
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "vera", "randlora")
 PathLike = str | os.PathLike
 Names = Sequence[str] | str | None  # module-name suffixes: a list, or one comma-separated string
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
@@ -407,15 +406,39 @@ def _merged_path_is_cheaper(tokens, in_f, out_f, width, needs_grad, half, diagon
 
 
 class AdapterLayer(nn.Module):
-    """Replaces an nn.Linear or a GPT-2 Conv1D; owns the base weight/bias (same Parameter objects)."""
+    """Replaces an nn.Linear or a GPT-2 Conv1D; owns the base weight/bias (same Parameter objects).
+
+    The shared mechanism: path choice per call, merge/unmerge with its snapshot and version check, state-dict
+    handling, train/eval. Each method is a subclass (LoraLayer, VeraLayer, RandLoraLayer) registered in
+    METHOD_CLASSES; `AdapterLayer(base, "vera", ...)` builds the registered class for the method.
+    """
+
+    method = ""  # the registry key, set by each method class
+    peft_type = ""  # HF PEFT's peft_type
+    uses_bases = False  # needs the model's SharedBases (frozen random projections)
+    base_names: tuple[str, ...] = ()  # names of those projections
+    has_alpha = True  # False: the update has no alpha scale (VeRA)
+    diagonal = False  # only scaling vectors train: the plan may pick the thin path
+    fused_qkv = False  # can adapt chosen slices of GPT-2's fused c_attn
+    rank_params: dict[str, int] = {}  # parameter name -> the dimension holding the rank (checkpoint checks)
+    peft_repeats_bases = False  # PEFT's files repeat the shared bases under every layer
+    peft_rank_pattern = False  # PEFT's rank_pattern/alpha_pattern apply (uniform overrides only)
+
+    def __new__(cls, *args, **kwargs):
+        if cls is AdapterLayer:  # built by method name: the registered class
+            method = args[1] if len(args) > 1 else kwargs.get("method")
+            cls = method_class(method)
+        return super().__new__(cls)
 
     def __init__(self, base, method, rank, alpha, dropout, bases=None, fused_slices=None, generator=None):
         super().__init__()
+        if method != self.method:
+            raise AdapterError(f"{type(self).__name__} is the {self.method} adapter, not {method!r}")
         self.fan_in_fan_out = isinstance(base, Conv1D) if Conv1D else False
         self.weight, self.bias = base.weight, base.bias
         # nn.Linear stores (out, in); Conv1D stores (in, out)
         self.in_features, self.out_features = self.weight.shape if self.fan_in_fan_out else self.weight.shape[::-1]
-        self.method, self.r, self.alpha = method, rank, alpha
+        self.r, self.alpha = rank, alpha
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self._merged_params = None  # snapshot of the adapter tensors folded into the weight, when merged
         self.weight.requires_grad_(False)
@@ -423,29 +446,61 @@ class AdapterLayer(nn.Module):
             self.bias.requires_grad_(False)
         self.fused_slices = tuple(fused_slices) if fused_slices else None  # which of q, k, v a fused layer adapts
         object.__setattr__(self, "_bases", bases)  # shared, owned by the model: not a child of every layer
-        kw = dict(device=self.weight.device, dtype=torch.float32)
-        if method == "lora":
-            self.scale = alpha / rank
-            n_groups = len(self.fused_slices) if self.fused_slices else 1
-            n_on = sum(self.fused_slices) if self.fused_slices else 1
-            if self.out_features % n_groups:
-                raise AdapterError(f"cannot split {self.out_features} outputs into {n_groups} fused projections")
-            self.lora_A = nn.Parameter(torch.empty(rank * n_on, self.in_features, **kw))
-            self.lora_B = nn.Parameter(torch.zeros(self.out_features // n_groups * n_on, rank, **kw))
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
-        elif method == "vera":
-            self.scale = 1.0
-            self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
-            self.vera_lambda_d = nn.Parameter(torch.full((rank,), 0.1, **kw))
-        elif method == "randlora":
-            self.scale = alpha / rank
-            self.n_bases = math.ceil(min(self.in_features, self.out_features) / rank)
-            small = min(self.in_features, self.out_features)
-            self.randlora_lambda = nn.Parameter(torch.zeros(rank, self.n_bases, **kw))
-            init = 1 / max(self.in_features, self.out_features)
-            self.randlora_gamma = nn.Parameter(torch.full((self.n_bases, small), init, **kw))
-        else:
-            raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+        self._init_adapter(rank, alpha, generator, dict(device=self.weight.device, dtype=torch.float32))
+
+    # ---- what each method defines
+
+    def _init_adapter(self, rank, alpha, generator, kw):
+        """Set self.scale and create the method's trainable parameters."""
+        raise NotImplementedError
+
+    def factors(self, params=None):
+        """(down, up) with delta_W = scale * up @ down, from the current parameters or a snapshot of them."""
+        raise NotImplementedError
+
+    def _factor_grads(self):
+        """(down needs grad, up needs grad): which side of delta_W = up @ down carries the trainable tensors."""
+        raise NotImplementedError
+
+    @property
+    def width(self):
+        """R, the inner width of up @ down."""
+        raise NotImplementedError
+
+    @staticmethod
+    def default_alpha(rank):
+        raise NotImplementedError
+
+    @classmethod
+    def init_bases(cls, bases, rank, out_max, in_max, generator, device):
+        """Register the method's frozen random projections on `bases` (a SharedBases), drawn from `generator`."""
+
+    @classmethod
+    def peft_config(cls, peft, alpha, dropout, seed, shared):
+        """The peft.*Config for these settings."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_export_config(cls, config, cfg, rank_pattern, alpha_pattern):
+        """Add the method's own keys to PEFT's adapter_config.json (in place)."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_alpha(cls, pc):
+        """alpha from a PEFT adapter_config.json."""
+        raise NotImplementedError
+
+    def peft_tensors(self, name, prefix, sd, rank_pattern, alpha_pattern, alpha):
+        """Put this layer's tensors into a PEFT state dict `sd` under PEFT's names."""
+        for pn in self.adapter_names():
+            sd[f"{prefix}{name}.{pn}"] = getattr(self, pn)
+
+    def checkpoint_rank(self, pn, tensor):
+        """The rank a checkpoint tensor for parameter `pn` was saved with; None where `pn` does not hold it."""
+        dim = self.rank_params.get(pn)
+        return None if dim is None else tensor.shape[dim]
+
+    # ---- the shared mechanism
 
     @property
     def enable(self):
@@ -458,38 +513,8 @@ class AdapterLayer(nn.Module):
             self._adapter_names = tuple(names)
         return self._adapter_names
 
-    def factors(self, params=None):
-        """(down, up) with delta_W = scale * up @ down, from the current parameters or a snapshot of them."""
-        P = params if params is not None else {n: getattr(self, n) for n in self.adapter_names()}
-        if self.method == "lora":
-            if not self.fused_slices:
-                return P["lora_A"], P["lora_B"]
-            # Place each enabled slice's B block on its rows of the fused output, block-diagonally.
-            # Built from pads and a concatenation, whose backward keeps nothing but sizes.
-            d, r, n_on = self.out_features // len(self.fused_slices), self.r, sum(self.fused_slices)
-            parts, pieces = [], iter(P["lora_B"].split(d, dim=0))
-            j = 0
-            for on in self.fused_slices:
-                if on:
-                    parts.append(F.pad(next(pieces), (j * r, (n_on - j - 1) * r)))
-                    j += 1
-                else:
-                    parts.append(P["lora_B"].new_zeros(d, r * n_on))
-            return P["lora_A"], torch.cat(parts, 0)
-        if self.method == "vera":
-            A, B = self._bases.vera_A, self._bases.vera_B
-            down = P["vera_lambda_d"][:, None] * A[:, : self.in_features]
-            up = P["vera_lambda_b"][:, None] * B[: self.out_features]
-            return down, up
-        # RandLoRA, in PEFT's layout: A rows are indexed (k, b) -> k * n + b, B columns (b, k) -> b * r + k.
-        small, large = sorted((self.in_features, self.out_features))
-        A = self._bases.randlora_A[:, : self.n_bases, :small]
-        B = self._bases.randlora_B[:large, : self.n_bases, :]
-        a_flat = _ScaledBases.apply(A, P["randlora_lambda"], P["randlora_gamma"]).flatten(0, 1)
-        b_flat = B.flatten(1)
-        if small == self.in_features:
-            return a_flat, b_flat  # delta_W = B A: (out=large x in=small)
-        return b_flat.t(), a_flat.t()  # delta_W = (B A)^T
+    def _params(self, params):
+        return params if params is not None else {n: getattr(self, n) for n in self.adapter_names()}
 
     def delta_weight(self, params=None):
         down, up = self.factors(params)
@@ -563,35 +588,231 @@ class AdapterLayer(nn.Module):
         mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
         grads = (needs_grad and x.requires_grad,) + (self._factor_grads() if needs_grad else (False, False))
         plan = _plan(x.numel() // self.in_features, self.in_features, self.out_features, self.width, grads,
-                     dtype not in (torch.float32, torch.float64), mask is not None, diagonal=self.method == "vera")
-        if self.method == "vera":  # its own functions: the scaled factors are never kept
-            A = self._bases.vera_A[:, : self.in_features]
-            B = self._bases.vera_B[: self.out_features]
-            if plan.path == "dense":
-                return _VeraDense.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p)
-            return _VeraThin.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p, plan.keep)
+                     dtype not in (torch.float32, torch.float64), mask is not None, diagonal=self.diagonal)
+        return self._apply_plan(x, weight, bias, mask, p, plan)
+
+    def _apply_plan(self, x, weight, bias, mask, p, plan):
         down, up = self.factors()
         return _AdaptedLinear.apply(x, weight, bias, down, up, self.scale, mask, p, plan.path == "dense", plan.keep)
 
+    def extra_repr(self):
+        return (f"{self.method}: in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+                + (f", slices={self.fused_slices}" if self.fused_slices else "") + (", merged" if self.merged else ""))
+
+
+class LoraLayer(AdapterLayer):
+    """LoRA: delta_W = (alpha / r) B A; on GPT-2's fused c_attn, one (A, B) pair per adapted q/k/v slice."""
+
+    method, peft_type, fused_qkv, peft_rank_pattern = "lora", "LORA", True, True
+    rank_params = {"lora_A": 0, "lora_B": 1}
+
+    def _init_adapter(self, rank, alpha, generator, kw):
+        self.scale = alpha / rank
+        n_groups = len(self.fused_slices) if self.fused_slices else 1
+        n_on = sum(self.fused_slices) if self.fused_slices else 1
+        if self.out_features % n_groups:
+            raise AdapterError(f"cannot split {self.out_features} outputs into {n_groups} fused projections")
+        self.lora_A = nn.Parameter(torch.empty(rank * n_on, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features // n_groups * n_on, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+
+    def factors(self, params=None):
+        P = self._params(params)
+        if not self.fused_slices:
+            return P["lora_A"], P["lora_B"]
+        # Place each enabled slice's B block on its rows of the fused output, block-diagonally.
+        # Built from pads and a concatenation, whose backward keeps nothing but sizes.
+        d, r, n_on = self.out_features // len(self.fused_slices), self.r, sum(self.fused_slices)
+        parts, pieces = [], iter(P["lora_B"].split(d, dim=0))
+        j = 0
+        for on in self.fused_slices:
+            if on:
+                parts.append(F.pad(next(pieces), (j * r, (n_on - j - 1) * r)))
+                j += 1
+            else:
+                parts.append(P["lora_B"].new_zeros(d, r * n_on))
+        return P["lora_A"], torch.cat(parts, 0)
+
     def _factor_grads(self):
-        """(down needs grad, up needs grad): which side of delta_W = up @ down carries the trainable tensors."""
-        if self.method == "lora":
-            return self.lora_A.requires_grad, self.lora_B.requires_grad
-        if self.method == "vera":
-            return self.vera_lambda_d.requires_grad, self.vera_lambda_b.requires_grad
+        return self.lora_A.requires_grad, self.lora_B.requires_grad
+
+    @property
+    def width(self):
+        return self.r * (sum(self.fused_slices) if self.fused_slices else 1)
+
+    def checkpoint_rank(self, pn, tensor):
+        rank = super().checkpoint_rank(pn, tensor)
+        if pn == "lora_A" and self.fused_slices:
+            rank //= sum(self.fused_slices)
+        return rank
+
+    @staticmethod
+    def default_alpha(rank):
+        return rank
+
+    @classmethod
+    def peft_config(cls, peft, alpha, dropout, seed, shared):
+        return peft.LoraConfig(lora_alpha=alpha, lora_dropout=dropout, **shared)
+
+    def peft_tensors(self, name, prefix, sd, rank_pattern, alpha_pattern, alpha):
+        down, up = self.factors()
+        sd[f"{prefix}{name}.lora_A.weight"] = down
+        sd[f"{prefix}{name}.lora_B.weight"] = up
+        if self.fused_slices:  # fused q/v slices = one LoRA of rank r * slices with a block-diagonal B
+            rank_pattern[name] = down.shape[0]
+            alpha_pattern[name] = alpha * down.shape[0] / self.r
+
+    @classmethod
+    def peft_export_config(cls, config, cfg, rank_pattern, alpha_pattern):
+        config.update(lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], init_lora_weights=True,
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False, use_dora=False)
+        del config["init_weights"]
+
+    @classmethod
+    def peft_alpha(cls, pc):
+        return pc.get("lora_alpha", 8)
+
+
+class VeraLayer(AdapterLayer):
+    """VeRA: delta_W = (lambda_b * B) (lambda_d * A), with A, B the model's shared frozen projections; no scale."""
+
+    method, peft_type, uses_bases, has_alpha, diagonal = "vera", "VERA", True, False, True
+    base_names = ("vera_A", "vera_B")
+    rank_params = {"vera_lambda_d": 0}
+
+    def _init_adapter(self, rank, alpha, generator, kw):
+        self.scale = 1.0
+        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
+        self.vera_lambda_d = nn.Parameter(torch.full((rank,), 0.1, **kw))
+
+    def factors(self, params=None):
+        P = self._params(params)
+        A, B = self._bases.vera_A, self._bases.vera_B
+        down = P["vera_lambda_d"][:, None] * A[:, : self.in_features]
+        up = P["vera_lambda_b"][:, None] * B[: self.out_features]
+        return down, up
+
+    def _factor_grads(self):
+        return self.vera_lambda_d.requires_grad, self.vera_lambda_b.requires_grad
+
+    @property
+    def width(self):
+        return self.r
+
+    def _apply_plan(self, x, weight, bias, mask, p, plan):
+        # its own functions: the scaled factors are never kept
+        A = self._bases.vera_A[:, : self.in_features]
+        B = self._bases.vera_B[: self.out_features]
+        if plan.path == "dense":
+            return _VeraDense.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p)
+        return _VeraThin.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p, plan.keep)
+
+    @staticmethod
+    def default_alpha(rank):
+        return 1
+
+    @classmethod
+    def init_bases(cls, bases, rank, out_max, in_max, generator, device):
+        # Kaiming-uniform with fan_in, drawn in this order from one generator, as PEFT does.
+        g = generator
+        A = torch.empty(rank, in_max).uniform_(-math.sqrt(6 / in_max), math.sqrt(6 / in_max), generator=g)
+        B = torch.empty(out_max, rank).uniform_(-math.sqrt(6 / rank), math.sqrt(6 / rank), generator=g)
+        bases.register_buffer("vera_A", A.to(device), persistent=False)
+        bases.register_buffer("vera_B", B.to(device), persistent=False)
+
+    @classmethod
+    def peft_config(cls, peft, alpha, dropout, seed, shared):
+        return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **shared)
+
+    @classmethod
+    def peft_export_config(cls, config, cfg, rank_pattern, alpha_pattern):
+        config.update(vera_dropout=cfg["dropout"], projection_prng_key=cfg["seed"], save_projection=True,
+                      d_initial=0.1)
+
+    @classmethod
+    def peft_alpha(cls, pc):
+        return 1.0
+
+
+class RandLoraLayer(AdapterLayer):
+    """RandLoRA: shared frozen bases scaled by trainable lambda (r x n) and gamma (n x min(in, out)), PEFT's layout."""
+
+    method, peft_type, uses_bases = "randlora", "RANDLORA", True
+    base_names = ("randlora_A", "randlora_B")
+    rank_params = {"randlora_lambda": 0}
+    peft_repeats_bases = True  # PEFT's RandLoRA files also repeat the bases under every layer
+
+    def _init_adapter(self, rank, alpha, generator, kw):
+        self.scale = alpha / rank
+        self.n_bases = math.ceil(min(self.in_features, self.out_features) / rank)
+        small = min(self.in_features, self.out_features)
+        self.randlora_lambda = nn.Parameter(torch.zeros(rank, self.n_bases, **kw))
+        init = 1 / max(self.in_features, self.out_features)
+        self.randlora_gamma = nn.Parameter(torch.full((self.n_bases, small), init, **kw))
+
+    def factors(self, params=None):
+        # PEFT's layout: A rows are indexed (k, b) -> k * n + b, B columns (b, k) -> b * r + k.
+        P = self._params(params)
+        small, large = sorted((self.in_features, self.out_features))
+        A = self._bases.randlora_A[:, : self.n_bases, :small]
+        B = self._bases.randlora_B[:large, : self.n_bases, :]
+        a_flat = _ScaledBases.apply(A, P["randlora_lambda"], P["randlora_gamma"]).flatten(0, 1)
+        b_flat = B.flatten(1)
+        if small == self.in_features:
+            return a_flat, b_flat  # delta_W = B A: (out=large x in=small)
+        return b_flat.t(), a_flat.t()  # delta_W = (B A)^T
+
+    def _factor_grads(self):
         trainable = self.randlora_lambda.requires_grad or self.randlora_gamma.requires_grad
         return (trainable, False) if self.in_features <= self.out_features else (False, trainable)
 
     @property
     def width(self):
-        """R, the inner width of up @ down."""
-        if self.method == "lora":
-            return self.r * (sum(self.fused_slices) if self.fused_slices else 1)
-        return self.r if self.method == "vera" else self.r * self.n_bases
+        return self.r * self.n_bases
 
-    def extra_repr(self):
-        return (f"{self.method}: in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
-                + (f", slices={self.fused_slices}" if self.fused_slices else "") + (", merged" if self.merged else ""))
+    @staticmethod
+    def default_alpha(rank):
+        return 640
+
+    @classmethod
+    def init_bases(cls, bases, rank, out_max, in_max, generator, device):
+        # PEFT draws these in bfloat16, then normalises to unit std; we do the same so seeds match.
+        g = generator
+        large, small = max(out_max, in_max), min(out_max, in_max)
+        n = math.ceil(small / rank)
+        A = nn.init.kaiming_uniform_(torch.empty(rank, 1, small, dtype=torch.bfloat16), a=math.sqrt(5), generator=g)
+        B = torch.cat([nn.init.kaiming_uniform_(torch.empty(large, 1, rank, dtype=torch.bfloat16),
+                                                a=math.sqrt(5), generator=g) for _ in range(n)], dim=1)
+        bases.register_buffer("randlora_A", (A / A.std()).float().to(device), persistent=False)
+        bases.register_buffer("randlora_B", (B / B.std()).float().to(device), persistent=False)
+
+    @classmethod
+    def peft_config(cls, peft, alpha, dropout, seed, shared):
+        return peft.RandLoraConfig(randlora_alpha=alpha, randlora_dropout=dropout, projection_prng_key=seed,
+                                   save_projection=True, **shared)
+
+    @classmethod
+    def peft_export_config(cls, config, cfg, rank_pattern, alpha_pattern):
+        config.update(randlora_alpha=cfg["alpha"], randlora_dropout=cfg["dropout"],
+                      projection_prng_key=cfg["seed"], save_projection=True, sparse=False, very_sparse=False)
+
+    @classmethod
+    def peft_alpha(cls, pc):
+        return pc.get("randlora_alpha", 640)
+
+
+# The registry: adding a method is one AdapterLayer subclass and one line here.
+METHOD_CLASSES: dict[str, type[AdapterLayer]] = {"lora": LoraLayer, "vera": VeraLayer, "randlora": RandLoraLayer}
+METHODS = tuple(METHOD_CLASSES)
+_PEFT_TYPE = {m: c.peft_type for m, c in METHOD_CLASSES.items()}
+
+
+def method_class(method: str) -> type[AdapterLayer]:
+    """The AdapterLayer subclass registered for `method`; AdapterError for an unknown one."""
+    cls = METHOD_CLASSES.get(method) if isinstance(method, str) else None
+    if cls is None:
+        raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+    return cls
 
 
 class SharedBases(nn.Module):
@@ -602,21 +823,9 @@ class SharedBases(nn.Module):
         out_max = max(o for o, _ in layer_shapes)
         in_max = max(i for _, i in layer_shapes)
         g = torch.Generator(device="cpu").manual_seed(seed)
-        if method == "vera":
-            # Kaiming-uniform with fan_in, drawn in this order from one generator, as PEFT does.
-            A = torch.empty(rank, in_max).uniform_(-math.sqrt(6 / in_max), math.sqrt(6 / in_max), generator=g)
-            B = torch.empty(out_max, rank).uniform_(-math.sqrt(6 / rank), math.sqrt(6 / rank), generator=g)
-            self.register_buffer("vera_A", A.to(device), persistent=False)
-            self.register_buffer("vera_B", B.to(device), persistent=False)
-        else:
-            # PEFT draws these in bfloat16, then normalises to unit std; we do the same so seeds match.
-            large, small = max(out_max, in_max), min(out_max, in_max)
-            n = math.ceil(small / rank)
-            A = nn.init.kaiming_uniform_(torch.empty(rank, 1, small, dtype=torch.bfloat16), a=math.sqrt(5), generator=g)
-            B = torch.cat([nn.init.kaiming_uniform_(torch.empty(large, 1, rank, dtype=torch.bfloat16),
-                                                    a=math.sqrt(5), generator=g) for _ in range(n)], dim=1)
-            self.register_buffer("randlora_A", (A / A.std()).float().to(device), persistent=False)
-            self.register_buffer("randlora_B", (B / B.std()).float().to(device), persistent=False)
+        method_class(method).init_bases(self, rank, out_max, in_max, g, device)
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -638,13 +847,11 @@ def _set_child(model, name, new):
 
 def default_alpha(method: str, rank: int) -> float:
     """alpha when none is given: LoRA's scale 1 (alpha = rank), PEFT's RandLoRA default 640; VeRA has no scale."""
-    return {"lora": rank, "randlora": 640, "vera": 1}[method]
+    return method_class(method).default_alpha(rank)
 
 
 def _check_method(method):
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
-    return method.lower()
+    return method_class(method.lower() if isinstance(method, str) else method).method
 
 
 def _check_rank(rank):
@@ -705,8 +912,9 @@ def apply_adapter(model: nn.Module, method: str, rank: int, alpha: float | None 
         raise AdapterError(f"no linear layer matches target_modules {targets}; this model's linear layers are "
                            f"named {linear}")
     shapes = [(m.weight.shape[::-1] if (Conv1D and isinstance(m, Conv1D)) else m.weight.shape) for _, m in found]
+    layer_class = method_class(method)
     bases = None
-    if method in ("vera", "randlora"):
+    if layer_class.uses_bases:
         bases = SharedBases(method, rank, shapes, seed, device=found[0][1].weight.device)
         model.add_module(BASES_ATTR, bases)
     for p in model.parameters():
@@ -715,9 +923,9 @@ def apply_adapter(model: nn.Module, method: str, rank: int, alpha: float | None 
     layer_info = {}
     for name, module in found:
         short = name.rsplit(".", 1)[-1]
-        slices = FUSED_QKV_LORA.get(short) if (method == "lora" and fused_qkv_lora and Conv1D
+        slices = FUSED_QKV_LORA.get(short) if (layer_class.fused_qkv and fused_qkv_lora and Conv1D
                                                and isinstance(module, Conv1D)) else None
-        layer = AdapterLayer(module, method, rank, float(alpha), dropout, bases, slices, generator)
+        layer = layer_class(module, method, rank, float(alpha), dropout, bases, slices, generator)
         layer.train(model.training)
         _set_child(model, name, layer)
         layer_info[name] = {"in": layer.in_features, "out": layer.out_features,
@@ -928,10 +1136,8 @@ def _load_tensors(model, sd, source, alpha=None):
             continue
         if tuple(target.shape) != tuple(tensor.shape):
             layer = layers.get(layer_name)
-            if layer is not None and pn in ("lora_A", "lora_B", "vera_lambda_d", "randlora_lambda"):
-                ck_rank = tensor.shape[1] if pn == "lora_B" else tensor.shape[0]
-                if pn == "lora_A" and layer.fused_slices:
-                    ck_rank //= sum(layer.fused_slices)
+            ck_rank = None if layer is None else layer.checkpoint_rank(pn, tensor)
+            if ck_rank is not None:
                 if ck_rank != layer.r:
                     problems.append(f"checkpoint has rank {ck_rank} for {layer_name}, model has rank {layer.r}")
                     continue
@@ -964,7 +1170,7 @@ def _take_alpha(model, alpha, source):
     """The checkpoint's alpha (the scale of its update) must be the model's: a model whose alpha was a default
     takes the checkpoint's; an explicitly different alpha is an error, never a silent rescale."""
     cfg = _config_of(model)
-    if cfg["method"] == "vera":  # no scale
+    if not method_class(cfg["method"]).has_alpha:  # no scale
         return
     if alpha is None:
         logger.warning("%s records no alpha: using the model's alpha=%g (scale alpha/r = %g)", source, cfg["alpha"],
@@ -1018,7 +1224,8 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             raise AdapterError(f"checkpoint holds a {meta['method']} adapter, model has {cfg['method']}")
     alpha = None
     if meta is not None:
-        alpha = _check_alpha(_meta_value(meta, "alpha", meta_file)) if meta.get("method") != "vera" else 1.0
+        has_alpha = method_class(_config_of(model)["method"]).has_alpha  # the same method as meta's (checked)
+        alpha = _check_alpha(_meta_value(meta, "alpha", meta_file)) if has_alpha else 1.0
     return _load_tensors(model, _strip_prefixes(_read_safetensors(weights), model), str(path), alpha)
 
 
@@ -1034,9 +1241,6 @@ def _load_loralib(model, path):
 
 # ---- Hugging Face PEFT format
 
-_PEFT_TYPE = {"lora": "LORA", "vera": "VERA", "randlora": "RANDLORA"}
-
-
 def peft_config(method: str, rank: int, alpha: float | None, target_modules: Sequence[str], dropout: float = 0.0,
                 seed: int = 0, modules_to_save: Sequence[str] | None = None, **extra: Any) -> Any:
     """The HF PEFT config equivalent to apply_adapter's arguments (same defaults), for side-by-side runs.
@@ -1048,55 +1252,32 @@ def peft_config(method: str, rank: int, alpha: float | None, target_modules: Seq
         raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
     shared = dict(r=rank, target_modules=list(target_modules), modules_to_save=modules_to_save, **extra)
     alpha = default_alpha(method, rank) if alpha is None else alpha
-    if method == "lora":
-        return peft.LoraConfig(lora_alpha=alpha, lora_dropout=dropout, **shared)
-    if method == "vera":
-        return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **shared)
-    return peft.RandLoraConfig(randlora_alpha=alpha, randlora_dropout=dropout, projection_prng_key=seed,
-                               save_projection=True, **shared)
+    return method_class(method).peft_config(peft, alpha, dropout, seed, shared)
 
 
 def save_peft(model: nn.Module, path: PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` reads."""
     cfg = _config_of(model)
-    method, prefix = cfg["method"], "base_model.model."
+    layer_class, prefix = method_class(cfg["method"]), "base_model.model."
     fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in adapter_layers(model))
     sd, rank_pattern, alpha_pattern = {}, {}, {}
     for name, layer in adapter_layers(model):
-        if method == "lora":
-            down, up = layer.factors()
-            sd[f"{prefix}{name}.lora_A.weight"] = down
-            sd[f"{prefix}{name}.lora_B.weight"] = up
-            if layer.fused_slices:  # fused q/v slices = one LoRA of rank r * slices with a block-diagonal B
-                rank_pattern[name] = down.shape[0]
-                alpha_pattern[name] = cfg["alpha"] * down.shape[0] / layer.r
-        else:
-            for pn in layer.adapter_names():
-                sd[f"{prefix}{name}.{pn}"] = getattr(layer, pn)
+        layer.peft_tensors(name, prefix, sd, rank_pattern, alpha_pattern, cfg["alpha"])
     for key, t in _saved_module_tensors(model, cfg).items():
         sd[prefix + key] = t
     bases = getattr(model, BASES_ATTR, None)
     if bases is not None:
         for bn, b in bases.named_buffers():
             sd[f"base_model.{bn}"] = b
-            if method == "randlora":  # PEFT's RandLoRA files also repeat the bases under every layer
+            if layer_class.peft_repeats_bases:  # PEFT's RandLoRA files also repeat the bases under every layer
                 for name, _ in adapter_layers(model):
                     sd[f"{prefix}{name}.{bn}"] = b
-    config = {"peft_type": _PEFT_TYPE[method], "target_modules": cfg["target_modules"], "r": cfg["rank"],
+    config = {"peft_type": layer_class.peft_type, "target_modules": cfg["target_modules"], "r": cfg["rank"],
               "modules_to_save": cfg["modules_to_save"] or None, "fan_in_fan_out": fan_in_fan_out,
               "bias": "none", "task_type": None, "inference_mode": True, "init_weights": True,
               "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
               "layers_pattern": None, "revision": None}
-    if method == "lora":
-        config.update(lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], init_lora_weights=True,
-                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False, use_dora=False)
-        del config["init_weights"]
-    elif method == "vera":
-        config.update(vera_dropout=cfg["dropout"], projection_prng_key=cfg["seed"], save_projection=True,
-                      d_initial=0.1)
-    else:
-        config.update(randlora_alpha=cfg["alpha"], randlora_dropout=cfg["dropout"],
-                      projection_prng_key=cfg["seed"], save_projection=True, sparse=False, very_sparse=False)
+    layer_class.peft_export_config(config, cfg, rank_pattern, alpha_pattern)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     saveable = _to_saveable(sd)
@@ -1114,21 +1295,24 @@ def load_peft(model: nn.Module, path: PathLike) -> nn.Module:
     if not cfg_file.exists() or not weights.exists():
         raise AdapterError(f"{path} is not a PEFT adapter folder (needs {PEFT_CONFIG} and {PEFT_WEIGHTS})")
     pc = _read_json(cfg_file)
-    method = {v: k for k, v in _PEFT_TYPE.items()}.get(pc.get("peft_type"))
-    if method is None:
-        raise AdapterError(f"unsupported PEFT adapter type {pc.get('peft_type')!r}; supported: LORA, VERA, RANDLORA")
-    if pc.get("use_dora") or pc.get("rank_pattern") and method == "lora" and len(set(pc["rank_pattern"].values())) > 1:
+    layer_class = next((c for c in METHOD_CLASSES.values() if c.peft_type == pc.get("peft_type")), None)
+    if layer_class is None:
+        raise AdapterError(f"unsupported PEFT adapter type {pc.get('peft_type')!r}; supported: "
+                           f"{', '.join(_PEFT_TYPE.values())}")
+    method = layer_class.method
+    rank_pattern = pc.get("rank_pattern") if layer_class.peft_rank_pattern else None  # PEFT's per-layer ranks (LoRA's)
+    if pc.get("use_dora") or rank_pattern and len(set(rank_pattern.values())) > 1:
         raise AdapterError(f"{path}: DoRA and mixed per-layer ranks are not supported")
     targets = _meta_value(pc, "target_modules", cfg_file)
     if isinstance(targets, str):
         raise AdapterError(f"{path}: regex target_modules ({targets!r}) are not supported; list module names")
     rank = _check_rank(_meta_value(pc, "r", cfg_file))
-    alpha = {"lora": pc.get("lora_alpha", 8), "vera": 1.0, "randlora": pc.get("randlora_alpha", 640)}[method]
+    alpha = layer_class.peft_alpha(pc)
     alpha = _check_alpha(alpha)
-    if method == "lora" and pc.get("rank_pattern"):
+    if rank_pattern:
         # only the uniform case: every layer got the same override
-        new_rank = _check_rank(next(iter(pc["rank_pattern"].values())))
-        alpha = _check_alpha(pc.get("alpha_pattern", {}).get(next(iter(pc["rank_pattern"])), alpha * new_rank / rank))
+        new_rank = _check_rank(next(iter(rank_pattern.values())))
+        alpha = _check_alpha(pc.get("alpha_pattern", {}).get(next(iter(rank_pattern)), alpha * new_rank / rank))
         rank = new_rank
     sd = _strip_prefixes(_read_safetensors(weights), model)
     if not adapter_layers(model):
