@@ -27,9 +27,15 @@ Loading never fails silently: every bad argument or unreadable, inconsistent fil
 line naming the problem and the fix); a checkpoint's alpha must match the model's (a model whose alpha was a
 default takes the checkpoint's, and says so).
 
+Layout: `AdapterLayer` holds the shared mechanism (path choice, merge/unmerge with its snapshot, state dict,
+train/eval); each method is one subclass (LoraLayer, VeraLayer, RandLoraLayer: its parameters and init, its
+factors, width, frozen bases, PEFT type and config keys) registered in METHOD_CLASSES. Adding a method is one
+subclass and one registry line; nothing outside the method classes tests a method's name.
+
 Public API (`__all__`): apply_adapter, merge_adapter, unmerge_adapter, merge_and_unload, save_adapter,
 load_adapter, save_peft, load_peft, peft_config, trainable_parameters, adapter_state_dict, adapter_layers,
-default_alpha, AdapterLayer, SharedBases, AdapterError, METHODS, DEFAULT_TARGETS, BASES_ATTR.
+default_alpha, method_class, AdapterLayer, LoraLayer, VeraLayer, RandLoraLayer, SharedBases, AdapterError,
+METHODS, METHOD_CLASSES, DEFAULT_TARGETS, FUSED_QKV_LORA, BASES_ATTR.
 """
 import json
 import logging
@@ -53,7 +59,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["apply_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "save_adapter", "load_adapter",
            "save_peft", "load_peft", "peft_config", "trainable_parameters", "adapter_state_dict", "adapter_layers",
-           "default_alpha", "AdapterLayer", "SharedBases", "AdapterError", "METHODS", "DEFAULT_TARGETS", "BASES_ATTR"]
+           "default_alpha", "method_class", "AdapterLayer", "LoraLayer", "VeraLayer", "RandLoraLayer", "SharedBases",
+           "AdapterError", "METHODS", "METHOD_CLASSES", "DEFAULT_TARGETS", "FUSED_QKV_LORA", "BASES_ATTR"]
 
 logger = logging.getLogger(__name__)
 
