@@ -27,23 +27,26 @@ Loading never fails silently: every bad argument or unreadable, inconsistent fil
 line naming the problem and the fix); a checkpoint's alpha must match the model's (a model whose alpha was a
 default takes the checkpoint's, and says so).
 
+Layout: `AdapterLayer` holds the shared mechanism (path choice, merge/unmerge with its snapshot, state dict,
+train/eval); each method is one subclass (LoraLayer, VeraLayer, RandLoraLayer: its parameters and init, its
+factors, width, frozen bases, PEFT type and config keys) registered in METHOD_CLASSES. Adding a method is one
+subclass and one registry line; nothing outside the method classes tests a method's name.
+The file formats (ours, HF PEFT's, loralib's) live in adapter_formats; this module re-exports their public
+functions (save_adapter, load_adapter, save_peft, load_peft, peft_config).
+
 Public API (`__all__`): apply_adapter, merge_adapter, unmerge_adapter, merge_and_unload, save_adapter,
 load_adapter, save_peft, load_peft, peft_config, trainable_parameters, adapter_state_dict, adapter_layers,
-default_alpha, AdapterLayer, SharedBases, AdapterError, METHODS, DEFAULT_TARGETS, BASES_ATTR.
+default_alpha, method_class, AdapterLayer, LoraLayer, VeraLayer, RandLoraLayer, SharedBases, AdapterError,
+METHODS, METHOD_CLASSES, DEFAULT_TARGETS, FUSED_QKV_LORA, BASES_ATTR.
 """
-import json
 import logging
 import math
 import os
-import pickle
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 try:  # GPT-2's fused projections
@@ -53,11 +56,11 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["apply_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "save_adapter", "load_adapter",
            "save_peft", "load_peft", "peft_config", "trainable_parameters", "adapter_state_dict", "adapter_layers",
-           "default_alpha", "AdapterLayer", "SharedBases", "AdapterError", "METHODS", "DEFAULT_TARGETS", "BASES_ATTR"]
+           "default_alpha", "method_class", "AdapterLayer", "LoraLayer", "VeraLayer", "RandLoraLayer", "SharedBases",
+           "AdapterError", "METHODS", "METHOD_CLASSES", "DEFAULT_TARGETS", "FUSED_QKV_LORA", "BASES_ATTR"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "vera", "randlora")
 PathLike = str | os.PathLike
 Names = Sequence[str] | str | None  # module-name suffixes: a list, or one comma-separated string
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
@@ -407,15 +410,39 @@ def _merged_path_is_cheaper(tokens, in_f, out_f, width, needs_grad, half, diagon
 
 
 class AdapterLayer(nn.Module):
-    """Replaces an nn.Linear or a GPT-2 Conv1D; owns the base weight/bias (same Parameter objects)."""
+    """Replaces an nn.Linear or a GPT-2 Conv1D; owns the base weight/bias (same Parameter objects).
+
+    The shared mechanism: path choice per call, merge/unmerge with its snapshot and version check, state-dict
+    handling, train/eval. Each method is a subclass (LoraLayer, VeraLayer, RandLoraLayer) registered in
+    METHOD_CLASSES; `AdapterLayer(base, "vera", ...)` builds the registered class for the method.
+    """
+
+    method = ""  # the registry key, set by each method class
+    peft_type = ""  # HF PEFT's peft_type
+    uses_bases = False  # needs the model's SharedBases (frozen random projections)
+    base_names: tuple[str, ...] = ()  # names of those projections
+    has_alpha = True  # False: the update has no alpha scale (VeRA)
+    diagonal = False  # only scaling vectors train: the plan may pick the thin path
+    fused_qkv = False  # can adapt chosen slices of GPT-2's fused c_attn
+    rank_params: dict[str, int] = {}  # parameter name -> the dimension holding the rank (checkpoint checks)
+    peft_repeats_bases = False  # PEFT's files repeat the shared bases under every layer
+    peft_rank_pattern = False  # PEFT's rank_pattern/alpha_pattern apply (uniform overrides only)
+
+    def __new__(cls, *args, **kwargs):
+        if cls is AdapterLayer:  # built by method name: the registered class
+            method = args[1] if len(args) > 1 else kwargs.get("method")
+            cls = method_class(method)
+        return super().__new__(cls)
 
     def __init__(self, base, method, rank, alpha, dropout, bases=None, fused_slices=None, generator=None):
         super().__init__()
+        if method != self.method:
+            raise AdapterError(f"{type(self).__name__} is the {self.method} adapter, not {method!r}")
         self.fan_in_fan_out = isinstance(base, Conv1D) if Conv1D else False
         self.weight, self.bias = base.weight, base.bias
         # nn.Linear stores (out, in); Conv1D stores (in, out)
         self.in_features, self.out_features = self.weight.shape if self.fan_in_fan_out else self.weight.shape[::-1]
-        self.method, self.r, self.alpha = method, rank, alpha
+        self.r, self.alpha = rank, alpha
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self._merged_params = None  # snapshot of the adapter tensors folded into the weight, when merged
         self.weight.requires_grad_(False)
@@ -423,29 +450,61 @@ class AdapterLayer(nn.Module):
             self.bias.requires_grad_(False)
         self.fused_slices = tuple(fused_slices) if fused_slices else None  # which of q, k, v a fused layer adapts
         object.__setattr__(self, "_bases", bases)  # shared, owned by the model: not a child of every layer
-        kw = dict(device=self.weight.device, dtype=torch.float32)
-        if method == "lora":
-            self.scale = alpha / rank
-            n_groups = len(self.fused_slices) if self.fused_slices else 1
-            n_on = sum(self.fused_slices) if self.fused_slices else 1
-            if self.out_features % n_groups:
-                raise AdapterError(f"cannot split {self.out_features} outputs into {n_groups} fused projections")
-            self.lora_A = nn.Parameter(torch.empty(rank * n_on, self.in_features, **kw))
-            self.lora_B = nn.Parameter(torch.zeros(self.out_features // n_groups * n_on, rank, **kw))
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
-        elif method == "vera":
-            self.scale = 1.0
-            self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
-            self.vera_lambda_d = nn.Parameter(torch.full((rank,), 0.1, **kw))
-        elif method == "randlora":
-            self.scale = alpha / rank
-            self.n_bases = math.ceil(min(self.in_features, self.out_features) / rank)
-            small = min(self.in_features, self.out_features)
-            self.randlora_lambda = nn.Parameter(torch.zeros(rank, self.n_bases, **kw))
-            init = 1 / max(self.in_features, self.out_features)
-            self.randlora_gamma = nn.Parameter(torch.full((self.n_bases, small), init, **kw))
-        else:
-            raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+        self._init_adapter(rank, alpha, generator, dict(device=self.weight.device, dtype=torch.float32))
+
+    # ---- what each method defines
+
+    def _init_adapter(self, rank, alpha, generator, kw):
+        """Set self.scale and create the method's trainable parameters."""
+        raise NotImplementedError
+
+    def factors(self, params=None):
+        """(down, up) with delta_W = scale * up @ down, from the current parameters or a snapshot of them."""
+        raise NotImplementedError
+
+    def _factor_grads(self):
+        """(down needs grad, up needs grad): which side of delta_W = up @ down carries the trainable tensors."""
+        raise NotImplementedError
+
+    @property
+    def width(self):
+        """R, the inner width of up @ down."""
+        raise NotImplementedError
+
+    @staticmethod
+    def default_alpha(rank):
+        raise NotImplementedError
+
+    @classmethod
+    def init_bases(cls, bases, rank, out_max, in_max, generator, device):
+        """Register the method's frozen random projections on `bases` (a SharedBases), drawn from `generator`."""
+
+    @classmethod
+    def peft_config(cls, peft, alpha, dropout, seed, shared):
+        """The peft.*Config for these settings."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_export_config(cls, config, cfg, rank_pattern, alpha_pattern):
+        """Add the method's own keys to PEFT's adapter_config.json (in place)."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_alpha(cls, pc):
+        """alpha from a PEFT adapter_config.json."""
+        raise NotImplementedError
+
+    def peft_tensors(self, name, prefix, sd, rank_pattern, alpha_pattern, alpha):
+        """Put this layer's tensors into a PEFT state dict `sd` under PEFT's names."""
+        for pn in self.adapter_names():
+            sd[f"{prefix}{name}.{pn}"] = getattr(self, pn)
+
+    def checkpoint_rank(self, pn, tensor):
+        """The rank a checkpoint tensor for parameter `pn` was saved with; None where `pn` does not hold it."""
+        dim = self.rank_params.get(pn)
+        return None if dim is None else tensor.shape[dim]
+
+    # ---- the shared mechanism
 
     @property
     def enable(self):
@@ -458,38 +517,8 @@ class AdapterLayer(nn.Module):
             self._adapter_names = tuple(names)
         return self._adapter_names
 
-    def factors(self, params=None):
-        """(down, up) with delta_W = scale * up @ down, from the current parameters or a snapshot of them."""
-        P = params if params is not None else {n: getattr(self, n) for n in self.adapter_names()}
-        if self.method == "lora":
-            if not self.fused_slices:
-                return P["lora_A"], P["lora_B"]
-            # Place each enabled slice's B block on its rows of the fused output, block-diagonally.
-            # Built from pads and a concatenation, whose backward keeps nothing but sizes.
-            d, r, n_on = self.out_features // len(self.fused_slices), self.r, sum(self.fused_slices)
-            parts, pieces = [], iter(P["lora_B"].split(d, dim=0))
-            j = 0
-            for on in self.fused_slices:
-                if on:
-                    parts.append(F.pad(next(pieces), (j * r, (n_on - j - 1) * r)))
-                    j += 1
-                else:
-                    parts.append(P["lora_B"].new_zeros(d, r * n_on))
-            return P["lora_A"], torch.cat(parts, 0)
-        if self.method == "vera":
-            A, B = self._bases.vera_A, self._bases.vera_B
-            down = P["vera_lambda_d"][:, None] * A[:, : self.in_features]
-            up = P["vera_lambda_b"][:, None] * B[: self.out_features]
-            return down, up
-        # RandLoRA, in PEFT's layout: A rows are indexed (k, b) -> k * n + b, B columns (b, k) -> b * r + k.
-        small, large = sorted((self.in_features, self.out_features))
-        A = self._bases.randlora_A[:, : self.n_bases, :small]
-        B = self._bases.randlora_B[:large, : self.n_bases, :]
-        a_flat = _ScaledBases.apply(A, P["randlora_lambda"], P["randlora_gamma"]).flatten(0, 1)
-        b_flat = B.flatten(1)
-        if small == self.in_features:
-            return a_flat, b_flat  # delta_W = B A: (out=large x in=small)
-        return b_flat.t(), a_flat.t()  # delta_W = (B A)^T
+    def _params(self, params):
+        return params if params is not None else {n: getattr(self, n) for n in self.adapter_names()}
 
     def delta_weight(self, params=None):
         down, up = self.factors(params)
@@ -563,35 +592,231 @@ class AdapterLayer(nn.Module):
         mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
         grads = (needs_grad and x.requires_grad,) + (self._factor_grads() if needs_grad else (False, False))
         plan = _plan(x.numel() // self.in_features, self.in_features, self.out_features, self.width, grads,
-                     dtype not in (torch.float32, torch.float64), mask is not None, diagonal=self.method == "vera")
-        if self.method == "vera":  # its own functions: the scaled factors are never kept
-            A = self._bases.vera_A[:, : self.in_features]
-            B = self._bases.vera_B[: self.out_features]
-            if plan.path == "dense":
-                return _VeraDense.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p)
-            return _VeraThin.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p, plan.keep)
+                     dtype not in (torch.float32, torch.float64), mask is not None, diagonal=self.diagonal)
+        return self._apply_plan(x, weight, bias, mask, p, plan)
+
+    def _apply_plan(self, x, weight, bias, mask, p, plan):
         down, up = self.factors()
         return _AdaptedLinear.apply(x, weight, bias, down, up, self.scale, mask, p, plan.path == "dense", plan.keep)
 
+    def extra_repr(self):
+        return (f"{self.method}: in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+                + (f", slices={self.fused_slices}" if self.fused_slices else "") + (", merged" if self.merged else ""))
+
+
+class LoraLayer(AdapterLayer):
+    """LoRA: delta_W = (alpha / r) B A; on GPT-2's fused c_attn, one (A, B) pair per adapted q/k/v slice."""
+
+    method, peft_type, fused_qkv, peft_rank_pattern = "lora", "LORA", True, True
+    rank_params = {"lora_A": 0, "lora_B": 1}
+
+    def _init_adapter(self, rank, alpha, generator, kw):
+        self.scale = alpha / rank
+        n_groups = len(self.fused_slices) if self.fused_slices else 1
+        n_on = sum(self.fused_slices) if self.fused_slices else 1
+        if self.out_features % n_groups:
+            raise AdapterError(f"cannot split {self.out_features} outputs into {n_groups} fused projections")
+        self.lora_A = nn.Parameter(torch.empty(rank * n_on, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features // n_groups * n_on, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+
+    def factors(self, params=None):
+        P = self._params(params)
+        if not self.fused_slices:
+            return P["lora_A"], P["lora_B"]
+        # Place each enabled slice's B block on its rows of the fused output, block-diagonally.
+        # Built from pads and a concatenation, whose backward keeps nothing but sizes.
+        d, r, n_on = self.out_features // len(self.fused_slices), self.r, sum(self.fused_slices)
+        parts, pieces = [], iter(P["lora_B"].split(d, dim=0))
+        j = 0
+        for on in self.fused_slices:
+            if on:
+                parts.append(F.pad(next(pieces), (j * r, (n_on - j - 1) * r)))
+                j += 1
+            else:
+                parts.append(P["lora_B"].new_zeros(d, r * n_on))
+        return P["lora_A"], torch.cat(parts, 0)
+
     def _factor_grads(self):
-        """(down needs grad, up needs grad): which side of delta_W = up @ down carries the trainable tensors."""
-        if self.method == "lora":
-            return self.lora_A.requires_grad, self.lora_B.requires_grad
-        if self.method == "vera":
-            return self.vera_lambda_d.requires_grad, self.vera_lambda_b.requires_grad
+        return self.lora_A.requires_grad, self.lora_B.requires_grad
+
+    @property
+    def width(self):
+        return self.r * (sum(self.fused_slices) if self.fused_slices else 1)
+
+    def checkpoint_rank(self, pn, tensor):
+        rank = super().checkpoint_rank(pn, tensor)
+        if pn == "lora_A" and self.fused_slices:
+            rank //= sum(self.fused_slices)
+        return rank
+
+    @staticmethod
+    def default_alpha(rank):
+        return rank
+
+    @classmethod
+    def peft_config(cls, peft, alpha, dropout, seed, shared):
+        return peft.LoraConfig(lora_alpha=alpha, lora_dropout=dropout, **shared)
+
+    def peft_tensors(self, name, prefix, sd, rank_pattern, alpha_pattern, alpha):
+        down, up = self.factors()
+        sd[f"{prefix}{name}.lora_A.weight"] = down
+        sd[f"{prefix}{name}.lora_B.weight"] = up
+        if self.fused_slices:  # fused q/v slices = one LoRA of rank r * slices with a block-diagonal B
+            rank_pattern[name] = down.shape[0]
+            alpha_pattern[name] = alpha * down.shape[0] / self.r
+
+    @classmethod
+    def peft_export_config(cls, config, cfg, rank_pattern, alpha_pattern):
+        config.update(lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], init_lora_weights=True,
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False, use_dora=False)
+        del config["init_weights"]
+
+    @classmethod
+    def peft_alpha(cls, pc):
+        return pc.get("lora_alpha", 8)
+
+
+class VeraLayer(AdapterLayer):
+    """VeRA: delta_W = (lambda_b * B) (lambda_d * A), with A, B the model's shared frozen projections; no scale."""
+
+    method, peft_type, uses_bases, has_alpha, diagonal = "vera", "VERA", True, False, True
+    base_names = ("vera_A", "vera_B")
+    rank_params = {"vera_lambda_d": 0}
+
+    def _init_adapter(self, rank, alpha, generator, kw):
+        self.scale = 1.0
+        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
+        self.vera_lambda_d = nn.Parameter(torch.full((rank,), 0.1, **kw))
+
+    def factors(self, params=None):
+        P = self._params(params)
+        A, B = self._bases.vera_A, self._bases.vera_B
+        down = P["vera_lambda_d"][:, None] * A[:, : self.in_features]
+        up = P["vera_lambda_b"][:, None] * B[: self.out_features]
+        return down, up
+
+    def _factor_grads(self):
+        return self.vera_lambda_d.requires_grad, self.vera_lambda_b.requires_grad
+
+    @property
+    def width(self):
+        return self.r
+
+    def _apply_plan(self, x, weight, bias, mask, p, plan):
+        # its own functions: the scaled factors are never kept
+        A = self._bases.vera_A[:, : self.in_features]
+        B = self._bases.vera_B[: self.out_features]
+        if plan.path == "dense":
+            return _VeraDense.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p)
+        return _VeraThin.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p, plan.keep)
+
+    @staticmethod
+    def default_alpha(rank):
+        return 1
+
+    @classmethod
+    def init_bases(cls, bases, rank, out_max, in_max, generator, device):
+        # Kaiming-uniform with fan_in, drawn in this order from one generator, as PEFT does.
+        g = generator
+        A = torch.empty(rank, in_max).uniform_(-math.sqrt(6 / in_max), math.sqrt(6 / in_max), generator=g)
+        B = torch.empty(out_max, rank).uniform_(-math.sqrt(6 / rank), math.sqrt(6 / rank), generator=g)
+        bases.register_buffer("vera_A", A.to(device), persistent=False)
+        bases.register_buffer("vera_B", B.to(device), persistent=False)
+
+    @classmethod
+    def peft_config(cls, peft, alpha, dropout, seed, shared):
+        return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **shared)
+
+    @classmethod
+    def peft_export_config(cls, config, cfg, rank_pattern, alpha_pattern):
+        config.update(vera_dropout=cfg["dropout"], projection_prng_key=cfg["seed"], save_projection=True,
+                      d_initial=0.1)
+
+    @classmethod
+    def peft_alpha(cls, pc):
+        return 1.0
+
+
+class RandLoraLayer(AdapterLayer):
+    """RandLoRA: shared frozen bases scaled by trainable lambda (r x n) and gamma (n x min(in, out)), PEFT's layout."""
+
+    method, peft_type, uses_bases = "randlora", "RANDLORA", True
+    base_names = ("randlora_A", "randlora_B")
+    rank_params = {"randlora_lambda": 0}
+    peft_repeats_bases = True  # PEFT's RandLoRA files also repeat the bases under every layer
+
+    def _init_adapter(self, rank, alpha, generator, kw):
+        self.scale = alpha / rank
+        self.n_bases = math.ceil(min(self.in_features, self.out_features) / rank)
+        small = min(self.in_features, self.out_features)
+        self.randlora_lambda = nn.Parameter(torch.zeros(rank, self.n_bases, **kw))
+        init = 1 / max(self.in_features, self.out_features)
+        self.randlora_gamma = nn.Parameter(torch.full((self.n_bases, small), init, **kw))
+
+    def factors(self, params=None):
+        # PEFT's layout: A rows are indexed (k, b) -> k * n + b, B columns (b, k) -> b * r + k.
+        P = self._params(params)
+        small, large = sorted((self.in_features, self.out_features))
+        A = self._bases.randlora_A[:, : self.n_bases, :small]
+        B = self._bases.randlora_B[:large, : self.n_bases, :]
+        a_flat = _ScaledBases.apply(A, P["randlora_lambda"], P["randlora_gamma"]).flatten(0, 1)
+        b_flat = B.flatten(1)
+        if small == self.in_features:
+            return a_flat, b_flat  # delta_W = B A: (out=large x in=small)
+        return b_flat.t(), a_flat.t()  # delta_W = (B A)^T
+
+    def _factor_grads(self):
         trainable = self.randlora_lambda.requires_grad or self.randlora_gamma.requires_grad
         return (trainable, False) if self.in_features <= self.out_features else (False, trainable)
 
     @property
     def width(self):
-        """R, the inner width of up @ down."""
-        if self.method == "lora":
-            return self.r * (sum(self.fused_slices) if self.fused_slices else 1)
-        return self.r if self.method == "vera" else self.r * self.n_bases
+        return self.r * self.n_bases
 
-    def extra_repr(self):
-        return (f"{self.method}: in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
-                + (f", slices={self.fused_slices}" if self.fused_slices else "") + (", merged" if self.merged else ""))
+    @staticmethod
+    def default_alpha(rank):
+        return 640
+
+    @classmethod
+    def init_bases(cls, bases, rank, out_max, in_max, generator, device):
+        # PEFT draws these in bfloat16, then normalises to unit std; we do the same so seeds match.
+        g = generator
+        large, small = max(out_max, in_max), min(out_max, in_max)
+        n = math.ceil(small / rank)
+        A = nn.init.kaiming_uniform_(torch.empty(rank, 1, small, dtype=torch.bfloat16), a=math.sqrt(5), generator=g)
+        B = torch.cat([nn.init.kaiming_uniform_(torch.empty(large, 1, rank, dtype=torch.bfloat16),
+                                                a=math.sqrt(5), generator=g) for _ in range(n)], dim=1)
+        bases.register_buffer("randlora_A", (A / A.std()).float().to(device), persistent=False)
+        bases.register_buffer("randlora_B", (B / B.std()).float().to(device), persistent=False)
+
+    @classmethod
+    def peft_config(cls, peft, alpha, dropout, seed, shared):
+        return peft.RandLoraConfig(randlora_alpha=alpha, randlora_dropout=dropout, projection_prng_key=seed,
+                                   save_projection=True, **shared)
+
+    @classmethod
+    def peft_export_config(cls, config, cfg, rank_pattern, alpha_pattern):
+        config.update(randlora_alpha=cfg["alpha"], randlora_dropout=cfg["dropout"],
+                      projection_prng_key=cfg["seed"], save_projection=True, sparse=False, very_sparse=False)
+
+    @classmethod
+    def peft_alpha(cls, pc):
+        return pc.get("randlora_alpha", 640)
+
+
+# The registry: adding a method is one AdapterLayer subclass and one line here.
+METHOD_CLASSES: dict[str, type[AdapterLayer]] = {"lora": LoraLayer, "vera": VeraLayer, "randlora": RandLoraLayer}
+METHODS = tuple(METHOD_CLASSES)
+_PEFT_TYPE = {m: c.peft_type for m, c in METHOD_CLASSES.items()}
+
+
+def method_class(method: str) -> type[AdapterLayer]:
+    """The AdapterLayer subclass registered for `method`; AdapterError for an unknown one."""
+    cls = METHOD_CLASSES.get(method) if isinstance(method, str) else None
+    if cls is None:
+        raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+    return cls
 
 
 class SharedBases(nn.Module):
@@ -602,21 +827,9 @@ class SharedBases(nn.Module):
         out_max = max(o for o, _ in layer_shapes)
         in_max = max(i for _, i in layer_shapes)
         g = torch.Generator(device="cpu").manual_seed(seed)
-        if method == "vera":
-            # Kaiming-uniform with fan_in, drawn in this order from one generator, as PEFT does.
-            A = torch.empty(rank, in_max).uniform_(-math.sqrt(6 / in_max), math.sqrt(6 / in_max), generator=g)
-            B = torch.empty(out_max, rank).uniform_(-math.sqrt(6 / rank), math.sqrt(6 / rank), generator=g)
-            self.register_buffer("vera_A", A.to(device), persistent=False)
-            self.register_buffer("vera_B", B.to(device), persistent=False)
-        else:
-            # PEFT draws these in bfloat16, then normalises to unit std; we do the same so seeds match.
-            large, small = max(out_max, in_max), min(out_max, in_max)
-            n = math.ceil(small / rank)
-            A = nn.init.kaiming_uniform_(torch.empty(rank, 1, small, dtype=torch.bfloat16), a=math.sqrt(5), generator=g)
-            B = torch.cat([nn.init.kaiming_uniform_(torch.empty(large, 1, rank, dtype=torch.bfloat16),
-                                                    a=math.sqrt(5), generator=g) for _ in range(n)], dim=1)
-            self.register_buffer("randlora_A", (A / A.std()).float().to(device), persistent=False)
-            self.register_buffer("randlora_B", (B / B.std()).float().to(device), persistent=False)
+        method_class(method).init_bases(self, rank, out_max, in_max, g, device)
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -638,13 +851,11 @@ def _set_child(model, name, new):
 
 def default_alpha(method: str, rank: int) -> float:
     """alpha when none is given: LoRA's scale 1 (alpha = rank), PEFT's RandLoRA default 640; VeRA has no scale."""
-    return {"lora": rank, "randlora": 640, "vera": 1}[method]
+    return method_class(method).default_alpha(rank)
 
 
 def _check_method(method):
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
-    return method.lower()
+    return method_class(method.lower() if isinstance(method, str) else method).method
 
 
 def _check_rank(rank):
@@ -705,8 +916,9 @@ def apply_adapter(model: nn.Module, method: str, rank: int, alpha: float | None 
         raise AdapterError(f"no linear layer matches target_modules {targets}; this model's linear layers are "
                            f"named {linear}")
     shapes = [(m.weight.shape[::-1] if (Conv1D and isinstance(m, Conv1D)) else m.weight.shape) for _, m in found]
+    layer_class = method_class(method)
     bases = None
-    if method in ("vera", "randlora"):
+    if layer_class.uses_bases:
         bases = SharedBases(method, rank, shapes, seed, device=found[0][1].weight.device)
         model.add_module(BASES_ATTR, bases)
     for p in model.parameters():
@@ -715,9 +927,9 @@ def apply_adapter(model: nn.Module, method: str, rank: int, alpha: float | None 
     layer_info = {}
     for name, module in found:
         short = name.rsplit(".", 1)[-1]
-        slices = FUSED_QKV_LORA.get(short) if (method == "lora" and fused_qkv_lora and Conv1D
+        slices = FUSED_QKV_LORA.get(short) if (layer_class.fused_qkv and fused_qkv_lora and Conv1D
                                                and isinstance(module, Conv1D)) else None
-        layer = AdapterLayer(module, method, rank, float(alpha), dropout, bases, slices, generator)
+        layer = layer_class(module, method, rank, float(alpha), dropout, bases, slices, generator)
         layer.train(model.training)
         _set_child(model, name, layer)
         layer_info[name] = {"in": layer.in_features, "out": layer.out_features,
@@ -811,340 +1023,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _to_saveable(sd):
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-
-
-def save_adapter(model: nn.Module, path: PathLike) -> Path:
-    """Write `path/adapter.safetensors` (adapter + modules_to_save + projections) and `path/adapter.json`."""
-    cfg = _config_of(model)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    sd = _to_saveable(adapter_state_dict(model))
-    meta = dict(cfg, format="peft_layers/1", shapes={k: list(v.shape) for k, v in sd.items()})
-    _atomic(path / ADAPTER_FILE, lambda tmp: save_file(sd, tmp))
-    _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
-    return path
-
-
-def _atomic(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _strip_prefixes(sd, model):
-    """Map checkpoint keys onto model names: drop DDP's `module.` and PEFT's `base_model.model.`."""
-    names = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
-    out = {}
-    for k, v in sd.items():
-        key = k
-        for prefix in ("module.", "base_model.model.", "base_model."):
-            if key not in names and key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = v
-    return out
-
-
-def _read_json(path):
-    """A JSON object from an adapter config; every way it can be unreadable is one AdapterError."""
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise AdapterError(f"adapter config {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise AdapterError(f"adapter config {path} is not UTF-8 text (byte {e.start}): is it the right file?") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"adapter config {path} is not valid JSON (line {e.lineno}: {e.msg}); re-save the "
-                           "adapter") from None
-    except OSError as e:
-        raise AdapterError(f"cannot read adapter config {path}: {e.strerror or e}") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"adapter config {path} holds a JSON {type(data).__name__}, not an object")
-    return data
-
-
-def _read_safetensors(path):
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise AdapterError(f"adapter weights {path} do not exist") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterError(f"adapter weights {path} are not a readable safetensors file (truncated or corrupt: "
-                           f"{_one_line(e)}); re-save or re-download them") from None
-
-
-def _read_pt(path):
-    """A loralib/PyTorch state dict, loaded with weights_only=True: tensors and plain containers, nothing else."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise AdapterError(f"adapter checkpoint {path} does not exist") from None
-    except pickle.UnpicklingError as e:
-        if "unsupported global" not in str(e).lower():  # not a refused object: bytes that are no valid pickle
-            raise AdapterError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt pickle data); "
-                               "re-save or re-download it") from None
-        # torch's own message advises weights_only=False, which would run code from the file: not repeated here
-        raise AdapterError(f"{path} holds objects other than tensors and plain containers, which this toolkit does "
-                           "not unpickle; save only the state dict (torch.save(lora_state_dict(model), path)) or "
-                           "convert it to safetensors") from None
-    except (EOFError, OSError, RuntimeError, ValueError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
-                           f"{_one_line(e)})") from None
-    if not isinstance(sd, dict):
-        raise AdapterError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors")
-    sd = sd.get("model_state_dict", sd.get("state_dict", sd))
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise AdapterError(f"{path} is not a state dict of named tensors")
-    return sd
-
-
-def _one_line(e):
-    text = " ".join(str(e).split())
-    return (text[:160] + "...") if len(text) > 160 else (text or type(e).__name__)
-
-
-def _meta_value(meta, key, source):
-    if key not in meta:
-        raise AdapterError(f"adapter config {source} lacks {key!r}; re-save the adapter")
-    return meta[key]
-
-
-def _load_tensors(model, sd, source, alpha=None):
-    """Copy every tensor of `sd` into the model; any key, rank or shape that does not fit raises AdapterError."""
-    layers = dict(adapter_layers(model))
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    problems = []
-    for key, tensor in sd.items():
-        layer_name, _, pn = key.rpartition(".")
-        target = params.get(key, buffers.get(key))
-        if target is None:
-            problems.append(f"checkpoint tensor {key} has no place in the model")
-            continue
-        if tuple(target.shape) != tuple(tensor.shape):
-            layer = layers.get(layer_name)
-            if layer is not None and pn in ("lora_A", "lora_B", "vera_lambda_d", "randlora_lambda"):
-                ck_rank = tensor.shape[1] if pn == "lora_B" else tensor.shape[0]
-                if pn == "lora_A" and layer.fused_slices:
-                    ck_rank //= sum(layer.fused_slices)
-                if ck_rank != layer.r:
-                    problems.append(f"checkpoint has rank {ck_rank} for {layer_name}, model has rank {layer.r}")
-                    continue
-            problems.append(f"shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
-        elif not tensor.is_floating_point():
-            problems.append(f"checkpoint tensor {key} is {tensor.dtype}, not floating point")
-        elif not bool(torch.isfinite(tensor).all()):
-            problems.append(f"checkpoint tensor {key} holds NaN or infinite values")
-    expected = {f"{n}.{pn}" for n, layer in layers.items() for pn in layer.adapter_names()}
-    missing = sorted(expected - set(sd))
-    if missing:
-        problems.append(f"{len(missing)} adapter tensors of the model are not in the checkpoint, e.g. {missing[0]}")
-    if problems:
-        raise AdapterError(f"{source} does not fit this model: " + "; ".join(problems[:3])
-                           + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
-    # Weights merged under the old adapter values are unmerged first, and merged again with the new ones.
-    remerge = any(layer.merged for layer in layers.values()) or not model.training
-    unmerge_adapter(model)
-    _take_alpha(model, alpha, source)
-    with torch.no_grad():
-        for key, tensor in sd.items():
-            target = params.get(key, buffers.get(key))
-            target.copy_(tensor.to(target.dtype))
-    if remerge:
-        merge_adapter(model)
-    return model
-
-
-def _take_alpha(model, alpha, source):
-    """The checkpoint's alpha (the scale of its update) must be the model's: a model whose alpha was a default
-    takes the checkpoint's; an explicitly different alpha is an error, never a silent rescale."""
-    cfg = _config_of(model)
-    if cfg["method"] == "vera":  # no scale
-        return
-    if alpha is None:
-        logger.warning("%s records no alpha: using the model's alpha=%g (scale alpha/r = %g)", source, cfg["alpha"],
-                       cfg["alpha"] / cfg["rank"])
-        return
-    if math.isclose(alpha, cfg["alpha"], rel_tol=1e-6):
-        return
-    if cfg.get("alpha_given", True):
-        raise AdapterError(f"{source} was trained with alpha={alpha:g}, but the model's adapter has alpha="
-                           f"{cfg['alpha']:g}; apply the adapter with alpha={alpha:g} (e.g. --lora_alpha {alpha:g}), "
-                           "or leave alpha unset so the checkpoint's is used")
-    logger.info("%s: using the checkpoint's alpha=%g (the model's default was %g)", source, alpha, cfg["alpha"])
-    cfg["alpha"] = float(alpha)
-    for _, layer in adapter_layers(model):
-        layer.alpha, layer.scale = float(alpha), float(alpha) / layer.r
-
-
-def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load an adapter saved by save_adapter (dir or .safetensors), a PEFT dir, or a loralib .pt/.bin state dict.
-
-    A model without an adapter gets one applied from the saved config first (ours or PEFT's). Every checkpoint
-    tensor must land in the model and every adapter tensor of the model must be in the checkpoint.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise AdapterError(f"adapter path {path} does not exist")
-    if path.is_dir() and not (path / ADAPTER_FILE).exists() and (path / PEFT_CONFIG).exists():
-        return load_peft(model, path)
-    if path.is_dir():
-        weights, meta_file = path / ADAPTER_FILE, path / CONFIG_FILE
-        if not weights.exists():
-            raise AdapterError(f"{path} holds no adapter: neither {ADAPTER_FILE} (save_adapter) nor {PEFT_CONFIG} + "
-                               f"{PEFT_WEIGHTS} (PEFT)")
-    elif path.suffix == ".safetensors":
-        weights, meta_file = path, path.with_name(CONFIG_FILE)
-    elif path.suffix in (".pt", ".bin", ".pth"):
-        return _load_loralib(model, path)
-    else:
-        raise AdapterError(f"adapter path {path} is neither a folder nor a .safetensors/.pt/.bin file")
-    meta = _read_json(meta_file) if meta_file.exists() else None
-    if not adapter_layers(model):
-        if meta is None:
-            raise AdapterError(f"{meta_file} not found: cannot tell which adapter to build")
-        apply_adapter(model, _meta_value(meta, "method", meta_file), _meta_value(meta, "rank", meta_file),
-                      _meta_value(meta, "alpha", meta_file), _meta_value(meta, "target_modules", meta_file),
-                      meta.get("dropout", 0.0), meta.get("seed", 0), meta.get("modules_to_save") or None,
-                      meta.get("fused_qkv_lora", True))
-    elif meta is not None:
-        cfg = _config_of(model)
-        if _meta_value(meta, "method", meta_file) != cfg["method"]:
-            raise AdapterError(f"checkpoint holds a {meta['method']} adapter, model has {cfg['method']}")
-    alpha = None
-    if meta is not None:
-        alpha = _check_alpha(_meta_value(meta, "alpha", meta_file)) if meta.get("method") != "vera" else 1.0
-    return _load_tensors(model, _strip_prefixes(_read_safetensors(weights), model), str(path), alpha)
-
-
-def _load_loralib(model, path):
-    """microsoft/LoRA checkpoints: a state dict from loralib.lora_state_dict (keys `...query.lora_A`)."""
-    if not adapter_layers(model):
-        raise AdapterError(f"{path} is a loralib checkpoint, which holds no rank or alpha: apply a LoRA adapter "
-                           "with the checkpoint's rank and alpha first "
-                           "(run_glue.py: --apply_lora --lora_r R --lora_alpha A)")
-    sd = _read_pt(path)
-    return _load_tensors(model, _strip_prefixes(sd, model), str(path))
-
-
-# ---- Hugging Face PEFT format
-
-_PEFT_TYPE = {"lora": "LORA", "vera": "VERA", "randlora": "RANDLORA"}
-
-
-def peft_config(method: str, rank: int, alpha: float | None, target_modules: Sequence[str], dropout: float = 0.0,
-                seed: int = 0, modules_to_save: Sequence[str] | None = None, **extra: Any) -> Any:
-    """The HF PEFT config equivalent to apply_adapter's arguments (same defaults), for side-by-side runs.
-
-    target_modules is required (PEFT would pick its own defaults); extra keys go to the config (task_type...).
-    """
-    import peft
-    if method not in METHODS:
-        raise AdapterError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
-    shared = dict(r=rank, target_modules=list(target_modules), modules_to_save=modules_to_save, **extra)
-    alpha = default_alpha(method, rank) if alpha is None else alpha
-    if method == "lora":
-        return peft.LoraConfig(lora_alpha=alpha, lora_dropout=dropout, **shared)
-    if method == "vera":
-        return peft.VeraConfig(vera_dropout=dropout, projection_prng_key=seed, save_projection=True, **shared)
-    return peft.RandLoraConfig(randlora_alpha=alpha, randlora_dropout=dropout, projection_prng_key=seed,
-                               save_projection=True, **shared)
-
-
-def save_peft(model: nn.Module, path: PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` reads."""
-    cfg = _config_of(model)
-    method, prefix = cfg["method"], "base_model.model."
-    fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in adapter_layers(model))
-    sd, rank_pattern, alpha_pattern = {}, {}, {}
-    for name, layer in adapter_layers(model):
-        if method == "lora":
-            down, up = layer.factors()
-            sd[f"{prefix}{name}.lora_A.weight"] = down
-            sd[f"{prefix}{name}.lora_B.weight"] = up
-            if layer.fused_slices:  # fused q/v slices = one LoRA of rank r * slices with a block-diagonal B
-                rank_pattern[name] = down.shape[0]
-                alpha_pattern[name] = cfg["alpha"] * down.shape[0] / layer.r
-        else:
-            for pn in layer.adapter_names():
-                sd[f"{prefix}{name}.{pn}"] = getattr(layer, pn)
-    for key, t in _saved_module_tensors(model, cfg).items():
-        sd[prefix + key] = t
-    bases = getattr(model, BASES_ATTR, None)
-    if bases is not None:
-        for bn, b in bases.named_buffers():
-            sd[f"base_model.{bn}"] = b
-            if method == "randlora":  # PEFT's RandLoRA files also repeat the bases under every layer
-                for name, _ in adapter_layers(model):
-                    sd[f"{prefix}{name}.{bn}"] = b
-    config = {"peft_type": _PEFT_TYPE[method], "target_modules": cfg["target_modules"], "r": cfg["rank"],
-              "modules_to_save": cfg["modules_to_save"] or None, "fan_in_fan_out": fan_in_fan_out,
-              "bias": "none", "task_type": None, "inference_mode": True, "init_weights": True,
-              "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
-              "layers_pattern": None, "revision": None}
-    if method == "lora":
-        config.update(lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"], init_lora_weights=True,
-                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False, use_dora=False)
-        del config["init_weights"]
-    elif method == "vera":
-        config.update(vera_dropout=cfg["dropout"], projection_prng_key=cfg["seed"], save_projection=True,
-                      d_initial=0.1)
-    else:
-        config.update(randlora_alpha=cfg["alpha"], randlora_dropout=cfg["dropout"],
-                      projection_prng_key=cfg["seed"], save_projection=True, sparse=False, very_sparse=False)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    saveable = _to_saveable(sd)
-    _atomic(path / PEFT_WEIGHTS, lambda tmp: save_file(saveable, tmp, metadata={"format": "pt"}))
-    _atomic(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    return path
-
-
-def load_peft(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load a Hugging Face PEFT adapter folder (LoRA, VeRA or RandLoRA) into `model`, applying it if needed."""
-    path = Path(path)
-    if not path.exists():
-        raise AdapterError(f"adapter path {path} does not exist")
-    cfg_file, weights = path / PEFT_CONFIG, path / PEFT_WEIGHTS
-    if not cfg_file.exists() or not weights.exists():
-        raise AdapterError(f"{path} is not a PEFT adapter folder (needs {PEFT_CONFIG} and {PEFT_WEIGHTS})")
-    pc = _read_json(cfg_file)
-    method = {v: k for k, v in _PEFT_TYPE.items()}.get(pc.get("peft_type"))
-    if method is None:
-        raise AdapterError(f"unsupported PEFT adapter type {pc.get('peft_type')!r}; supported: LORA, VERA, RANDLORA")
-    if pc.get("use_dora") or pc.get("rank_pattern") and method == "lora" and len(set(pc["rank_pattern"].values())) > 1:
-        raise AdapterError(f"{path}: DoRA and mixed per-layer ranks are not supported")
-    targets = _meta_value(pc, "target_modules", cfg_file)
-    if isinstance(targets, str):
-        raise AdapterError(f"{path}: regex target_modules ({targets!r}) are not supported; list module names")
-    rank = _check_rank(_meta_value(pc, "r", cfg_file))
-    alpha = {"lora": pc.get("lora_alpha", 8), "vera": 1.0, "randlora": pc.get("randlora_alpha", 640)}[method]
-    alpha = _check_alpha(alpha)
-    if method == "lora" and pc.get("rank_pattern"):
-        # only the uniform case: every layer got the same override
-        new_rank = _check_rank(next(iter(pc["rank_pattern"].values())))
-        alpha = _check_alpha(pc.get("alpha_pattern", {}).get(next(iter(pc["rank_pattern"])), alpha * new_rank / rank))
-        rank = new_rank
-    sd = _strip_prefixes(_read_safetensors(weights), model)
-    if not adapter_layers(model):
-        dropout = pc.get("lora_dropout", pc.get("vera_dropout", pc.get("randlora_dropout", 0.0))) or 0.0
-        apply_adapter(model, method, rank, alpha, targets, dropout, pc.get("projection_prng_key", 0),
-                      pc.get("modules_to_save"), fused_qkv_lora=False)
-    elif _config_of(model)["method"] != method:
-        raise AdapterError(f"{path} holds a {method} adapter, model has {_config_of(model)['method']}")
-    # PEFT names: `<layer>.lora_A.weight`; its RandLoRA files also repeat the shared bases under every layer.
-    ours = {}
-    for k, v in sd.items():
-        if k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight"):
-            k = k[: -len(".weight")]
-        elif k.rsplit(".", 1)[-1] in ("randlora_A", "randlora_B", "vera_A", "vera_B") and "." in k:
-            continue
-        if k in ("vera_A", "vera_B", "randlora_A", "randlora_B"):
-            k = f"{BASES_ATTR}.{k}"
-        ours[k] = v
-    return _load_tensors(model, ours, str(path), alpha)
+# ----------------------------------------------------------------------------------------------------------
+# File formats (ours, HF PEFT, loralib) live in adapter_formats; their public functions are part of this API.
+from adapter_formats import load_adapter, load_peft, peft_config, save_adapter, save_peft  # noqa: E402
