@@ -262,14 +262,20 @@ def settle_recipe(model_args, training_args, given, fp16_dropped):
         return Recipe("adapter checkpoint", None, None, None, "alpha/r as saved in the checkpoint", None, dropout,
                       training_args.seed, False, precision)
     method, rank = model_args.adapter_name or "lora", model_args.rank or 16
-    if method in ("lora", "randlora") and alpha is None:
-        alpha = 2 * rank  # RandLoRA's run_glue.py: lora_alpha = randlora_alpha = 2 x rank
-    scaling = {"lora": "alpha/r", "vera": "1 (VeRA has no alpha)", "none": "none (full fine-tuning)",
-               "randlora": "alpha/r/sqrt(n)" if model_args.randlora_scaling == "fork" else "alpha/r"}[method]
-    seed = randlora_projection_seed(training_args.seed) if method in ("vera", "randlora") else training_args.seed
-    return Recipe("RandLoRA run_glue.py", method, None if method == "none" else rank,
-                  alpha if method in ("lora", "randlora") else None, scaling, targets, dropout, seed, own_schedule,
-                  precision)
+    if method == "none":  # full fine-tuning
+        return Recipe("RandLoRA run_glue.py", method, None, None, "none (full fine-tuning)", targets, dropout,
+                      training_args.seed, own_schedule, precision)
+    layer_class = peft_layers.method_class(method)
+    if not layer_class.has_alpha:
+        alpha, scaling = None, f"1 ({layer_class.__name__.removesuffix('Layer')} has no alpha)"
+    else:
+        alpha = 2 * rank if alpha is None else alpha  # RandLoRA's run_glue.py: lora_alpha = randlora_alpha = 2 x rank
+        # RandLoRA's PEFT fork further divides its own method's scale by sqrt(number of bases)
+        fork = layer_class is peft_layers.RandLoraLayer and model_args.randlora_scaling == "fork"
+        scaling = "alpha/r/sqrt(n)" if fork else "alpha/r"
+    # RandLoRA's run_glue.py draws the frozen random bases (VeRA's and RandLoRA's) from int(exp(seed) * 3.1415)
+    seed = randlora_projection_seed(training_args.seed) if layer_class.uses_bases else training_args.seed
+    return Recipe("RandLoRA run_glue.py", method, rank, alpha, scaling, targets, dropout, seed, own_schedule, precision)
 
 
 # ------------------------------------------------------------------------------------------------ output folder
@@ -518,13 +524,14 @@ def adapter_setup(model, recipe, model_args, training_args, n_train):
         dropout = getattr(pc, "lora_dropout", getattr(pc, "vera_dropout", getattr(pc, "randlora_dropout", 0.0)))
     else:
         method, rank, alpha, targets, dropout, seed, impl = "none", None, None, [], 0.0, None, "full fine-tuning"
-    scale = None if method in ("none", "vera") else alpha / rank
+    has_alpha = method != "none" and peft_layers.method_class(method).has_alpha
+    scale = alpha / rank if has_alpha else 1.0 if method != "none" else None
     trainable, total = peft_layers.trainable_parameters(model)
     world = training_args.world_size * training_args.gradient_accumulation_steps
     return {
         "flag_set": recipe.flag_set, "method": method, "implementation": impl, "rank": rank,
         "alpha": alpha, "nominal_alpha": recipe.alpha, "scaling": recipe.scaling,
-        "scale": 1.0 if method == "vera" else scale, "target_modules": targets, "head_modules": head_modules(base),
+        "scale": scale, "target_modules": targets, "head_modules": head_modules(base),
         "dropout": dropout, "projection_seed": seed, "seed": training_args.seed,
         "trainable_parameters": trainable, "total_parameters": total,
         "learning_rate": training_args.learning_rate,
