@@ -284,7 +284,7 @@ def reset_peak_memory():
             pass  # elsewhere the peak includes loading
 
 
-def peak_memory_gib(accelerator):
+def peak_memory(accelerator):
     """(peak GiB of the busiest process since reset_peak_memory(), what was measured): CUDA's allocation peak on a
     GPU, else the peak resident set size."""
     if torch.cuda.is_available():
@@ -603,7 +603,7 @@ class Trainer:
     def throughput(self, train_tokens, train_s):
         out = {"train_tokens": train_tokens, "train_seconds": round(train_s, 3),
                "tokens_per_second": round(train_tokens / train_s, 1) if train_s > 0 else None}
-        out["peak_memory_gib"], out["peak_memory_kind"] = peak_memory_gib(self.acc)
+        out["peak_memory_gib"], out["peak_memory_kind"] = peak_memory(self.acc)
         logger.info("trained %d tokens in %.1f s (%s tokens/s); peak memory %.2f GiB (%s)", train_tokens, train_s,
                     out["tokens_per_second"], out["peak_memory_gib"], out["peak_memory_kind"])
         return out
