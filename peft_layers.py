@@ -106,6 +106,27 @@ def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _place_slices(blocks, slices, r):
+    """A fused q/k/v layer's `up` (out x r * n_on) from the adapted slices' B blocks (n_on * d x r), stacked
+    in order: each block on its slice's rows and its own r columns, zeros elsewhere (loralib's MergedLinear)."""
+    n_on = sum(slices)
+    d = blocks.shape[0] // n_on
+    up = blocks.new_zeros(d * len(slices), r * n_on)
+    j = 0
+    for i, on in enumerate(slices):
+        if on:
+            up[i * d:(i + 1) * d, j * r:(j + 1) * r] = blocks[j * d:(j + 1) * d]
+            j += 1
+    return up
+
+
+def _take_slices(full, slices, r):
+    """The inverse of _place_slices for a gradient: the adapted slices' blocks of an (out x r * n_on) matrix."""
+    d = full.shape[0] // len(slices)
+    rows = [i for i, on in enumerate(slices) if on]
+    return torch.cat([full[i * d:(i + 1) * d, j * r:(j + 1) * r] for j, i in enumerate(rows)], 0)
+
+
 class _AdaptedLinear(torch.autograd.Function):
     """y = x W^T + b + scale * x_drop (up @ down)^T, with W frozen; x_drop = x when there is no dropout mask.
 
@@ -118,13 +139,15 @@ class _AdaptedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale, mask, p, dense, keep_h):
+    def forward(ctx, x, weight, bias, down, up, scale, mask, p, dense, keep_h, slices=None):
         need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
         dt = x.dtype
         out_f, in_f = weight.shape
         x2 = x.reshape(-1, in_f)
         mask2 = None if mask is None else mask.reshape(-1, in_f)
-        w, dn, upc = _cast(weight, dt), _cast(down, dt), _cast(up, dt)
+        w, dn = _cast(weight, dt), _cast(down, dt)
+        # slices: `up` holds only the adapted q/k/v blocks of a fused layer; placed here, rebuilt in backward
+        upc = _cast(up, dt) if slices is None else _cast(_place_slices(up, *slices), dt)
         xd2 = _dropped(x2, mask2, p)
         half = dt not in (torch.float32, torch.float64)
         h = None
@@ -145,9 +168,10 @@ class _AdaptedLinear(torch.autograd.Function):
         use_down = need_x or (need_up and (dense or not keep_h))
         use_up = need_x or need_down
         ctx.save_for_backward(x if keep_x else None, weight, (dn if need_down else down) if use_down else None,
-                              (upc if need_up else up) if use_up else None, mask if keep_mask else None,
+                              (upc if need_up and slices is None else up) if use_up else None,
+                              mask if keep_mask else None,
                               h if (not dense and keep_h) else None)
-        ctx.scale, ctx.p, ctx.dense, ctx.half = scale, p, dense, half
+        ctx.scale, ctx.p, ctx.dense, ctx.half, ctx.slices = scale, p, dense, half, slices
         ctx.bias_grad = bias is not None and bias.requires_grad
         return y.view(*x.shape[:-1], out_f)
 
@@ -160,6 +184,8 @@ class _AdaptedLinear(torch.autograd.Function):
         out_f, in_f = weight.shape
         scale, p, dt = ctx.scale, ctx.p, grad_out.dtype
         g2 = grad_out.reshape(-1, out_f)
+        if up is not None and ctx.slices is not None:
+            up = _place_slices(up, *ctx.slices)
         w, down, up = _cast(weight, dt), _cast(down, dt), _cast(up, dt)  # None where backward does not use it
         mask2 = None if mask is None else mask.reshape(-1, in_f)
         xd2 = None if x is None else _dropped(x.reshape(-1, in_f), mask2, p)
@@ -196,7 +222,9 @@ class _AdaptedLinear(torch.autograd.Function):
             grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
             grad_bias = g2.sum(0)
-        return grad_x, None, grad_bias, grad_down, grad_up, None, None, None, None, None
+        if grad_up is not None and ctx.slices is not None:
+            grad_up = _take_slices(grad_up, *ctx.slices)
+        return grad_x, None, grad_bias, grad_down, grad_up, None, None, None, None, None, None
 
 
 class _VeraThin(torch.autograd.Function):
@@ -624,18 +652,14 @@ class LoraLayer(AdapterLayer):
         P = self._params(params)
         if not self.fused_slices:
             return P["lora_A"], P["lora_B"]
-        # Place each enabled slice's B block on its rows of the fused output, block-diagonally.
-        # Built from pads and a concatenation, whose backward keeps nothing but sizes.
-        d, r, n_on = self.out_features // len(self.fused_slices), self.r, sum(self.fused_slices)
-        parts, pieces = [], iter(P["lora_B"].split(d, dim=0))
-        j = 0
-        for on in self.fused_slices:
-            if on:
-                parts.append(F.pad(next(pieces), (j * r, (n_on - j - 1) * r)))
-                j += 1
-            else:
-                parts.append(P["lora_B"].new_zeros(d, r * n_on))
-        return P["lora_A"], torch.cat(parts, 0)
+        return P["lora_A"], _place_slices(P["lora_B"], self.fused_slices, self.r)
+
+    def _apply_plan(self, x, weight, bias, mask, p, plan):
+        if not self.fused_slices:
+            return super()._apply_plan(x, weight, bias, mask, p, plan)
+        # the B blocks go in as they are, so backward keeps the parameter, not an assembled (out x R) copy
+        return _AdaptedLinear.apply(x, weight, bias, self.lora_A, self.lora_B, self.scale, mask, p,
+                                    plan.path == "dense", plan.keep, (self.fused_slices, self.r))
 
     def _factor_grads(self):
         return self.lora_A.requires_grad, self.lora_B.requires_grad

