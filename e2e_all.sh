@@ -4,8 +4,9 @@
 #
 #   bash e2e_all.sh smoke     # CPU: a small GPT-2 built from config, the real E2E files, 2 seeds: the whole chain
 #   bash e2e_all.sh lora      # LoRA paper Table 3, GPT-2 medium: LoRA r4 alpha 32 on q,v; lr 2e-4, 5 epochs, batch 8
-#   bash e2e_all.sh vera      # VeRA paper Table 3, GPT-2 medium: VeRA r1024, lr 1e-1
-#   bash e2e_all.sh randlora  # RandLoRA's NLG set-up, GPT-2 medium: RandLoRA r20 alpha 40, lr 2e-4
+#   bash e2e_all.sh vera      # VeRA paper Table 3, GPT-2 medium: VeRA r1024 on c_attn, lr 1e-1
+#   bash e2e_all.sh randlora  # RandLoRA's NLG set-up, GPT-2 medium: RandLoRA r20 alpha 40 (its alpha/r/sqrt(n)
+#                             # scale), lr 2e-4, on c_attn and the MLP
 #
 # Same conventions as train_all.sh (sweep_lib.sh): --jobs N | JOBS=N (one run per GPU, or cores/N threads each on
 # CPU; auto), --dry-run | DRY_RUN=1, one console line per finished run and a progress bar, each run's output in
@@ -56,6 +57,8 @@ case "$preset" in
   randlora)
     : "${RESULTS_DIR:=e2e_results/randlora_nlg}" "${MODEL:=gpt2-medium}" "${TOKENIZER:=$MODEL}"
     : "${METHODS:=randlora:20:2e-4:40}"
+    echo "note: RandLoRA publishes no E2E scores (its repository's NLG/train.sh logs them uncommitted), so the" \
+         "table has no paper row; the set-up follows its NLG code (c_attn + MLP, scale alpha/r/sqrt(n))" >&2
     PAPER=() ;;
   *) echo "usage: bash e2e_all.sh smoke|lora|vera|randlora [--jobs N] [--dry-run] [gpt2_ft.py args...]" >&2; exit 2 ;;
 esac

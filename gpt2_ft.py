@@ -10,8 +10,11 @@
 
 Defaults are microsoft/LoRA's E2E recipe: LoRA r=4, alpha=32, dropout 0.1 on the q and v slices of c_attn,
 label smoothing 0.1, its AdamW (lr 2e-4, betas 0.9/0.999, weight decay 0.01, bias correction), linear schedule
-with 500 warm-up steps, 5 epochs, batch 8, sequences up to 512 tokens. `--adapter_name vera|randlora` adapt c_attn,
-c_fc and c_proj as the RandLoRA NLG scripts do; `--adapter_name none` fine-tunes every weight. microsoft/LoRA's
+with 500 warm-up steps, 5 epochs, batch 8, sequences up to 512 tokens. `--adapter_name vera` adapts c_attn (the
+VeRA paper's E2E set-up: 98,304 trainable parameters on GPT-2 medium); `--adapter_name randlora` adapts c_attn and
+the MLP's c_fc and c_proj with RandLoRA's scale alpha / r / sqrt(n bases), as RandLoRA's NLG code does. Both take
+all of c_attn where those codes adapt its q and v slices (said at start). `--adapter_name none` fine-tunes every
+weight. microsoft/LoRA's
 flags and files work as in its gpt2_ft.py: token-id JSONL data (gpt2_encode.py output), --model_card,
 --init_checkpoint (the original GPT-2 pytorch_model.bin), --platform, --correct_bias, --local_rank, and
 model.<step>.pt checkpoints in loralib's layout (see gpt2_checkpoint.py).
@@ -52,8 +55,9 @@ from e2e_data import check_limit, completion_ids, is_token_data, load_causal_lm,
 from legacy_adamw import LegacyAdamW
 
 logger = logging.getLogger("gpt2_ft")
-# The RandLoRA NLG scripts adapt every projection of GPT-2's blocks for VeRA and RandLoRA.
-ALL_PROJECTIONS = ["c_attn", "c_fc", "c_proj"]
+# Default layers per method, from each paper's E2E code: LoRA the q and v slices of c_attn (microsoft/LoRA), VeRA
+# c_attn, RandLoRA c_attn and the MLP (RandLoRA's NLG model.py; the attention's c_proj stays plain).
+DEFAULT_TARGETS = {"lora": ["c_attn"], "vera": ["c_attn"], "randlora": ["c_attn", "mlp.c_fc", "mlp.c_proj"]}
 STATE_FILE = "training_state.pt"
 GPT2_EOS = 50256
 
@@ -75,12 +79,15 @@ class TrainArguments:
     adapter_name: str = field(default="lora", metadata={
         "help": "adapter to train; 'none' fine-tunes every weight", "choices": ["lora", "vera", "randlora", "none"]})
     target_modules: list[str] | None = field(default=None, metadata={
-        "help": "layer-name suffixes to adapt (default: c_attn for LoRA -- its q and v slices --, "
-                "c_attn c_fc c_proj for VeRA/RandLoRA)"})
+        "help": "layer-name suffixes to adapt (default: c_attn for LoRA -- its q and v slices -- and VeRA, "
+                "c_attn mlp.c_fc mlp.c_proj for RandLoRA)"})
     rank: int = field(default=4, metadata={"aliases": ["--lora_dim"], "help": "adapter rank r (alias --lora_dim)"})
     lora_alpha: float | None = field(default=None, metadata={
         "help": "scale numerator (scale = alpha / r); default 32 for LoRA (the E2E recipe), peft_layers' 640 for "
                 "RandLoRA; VeRA ignores it"})
+    randlora_scaling: str = field(default="fork", metadata={
+        "help": "RandLoRA's scale: 'fork' = alpha / r / sqrt(n bases), as RandLoRA's NLG code; 'peft' = alpha / r, "
+                "as HF PEFT >= 0.16", "choices": ["fork", "peft"]})
     lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter's input"})
     label_smooth: float = field(default=0.1, metadata={"help": "label smoothing of the completion loss"})
     train_batch_size: int = field(default=8, metadata={"help": "sequences per step and process"})
@@ -426,10 +433,18 @@ def load_model(args):
 def add_adapter(args, model, lora):
     """Apply the adapter (and load --init_checkpoint's LoRA tensors); returns the set-up as a dict."""
     adapter = args.adapter_name != "none"
-    alpha, targets = None, ["all weights"]
+    alpha, targets, notes = None, ["all weights"], []
     if adapter:
-        targets = args.target_modules or (None if args.adapter_name == "lora" else ALL_PROJECTIONS)
+        targets = args.target_modules or DEFAULT_TARGETS[args.adapter_name]
         alpha = args.lora_alpha if args.lora_alpha is not None else 32 if args.adapter_name == "lora" else None
+        layer_class = peft_layers.method_class(args.adapter_name)
+        if "c_attn" in targets and not layer_class.fused_qkv:
+            notes.append(f"{args.adapter_name} adapts all of c_attn (q, k and v): this suite's {args.adapter_name} "
+                         "has no per-slice form, where the paper's code adapts the q and v slices")
+        if layer_class is peft_layers.RandLoraLayer and args.randlora_scaling == "fork":
+            given = alpha if alpha is not None else layer_class.default_alpha(args.rank)
+            alpha, n = peft_layers.randlora_fork_alpha(model, args.rank, given, targets)
+            notes.append(f"RandLoRA's scale alpha/r/sqrt(n), n = {n} bases: alpha stored as {given:g}/sqrt({n})")
         peft_layers.apply_adapter(model, args.adapter_name, args.rank, alpha, targets, args.lora_dropout,
                                   seed=args.seed)
         alpha = model.peft_layers_config["alpha"]
@@ -445,7 +460,7 @@ def add_adapter(args, model, lora):
              "randlora": alpha / args.rank if alpha else None}.get(args.adapter_name)
     return {"method": args.adapter_name, "rank": args.rank if adapter else None, "alpha": alpha, "scaling": scale,
             "targets": targets, "dropout": args.lora_dropout if adapter else None, "trainable_params": trainable,
-            "total_params": total}
+            "total_params": total, "notes": notes}
 
 
 def build_training(args, accelerator, model, train_set, valid_set, pad_id):
@@ -482,6 +497,8 @@ def describe(args, setup, max_step, accelerator, spelled):
               f"label_smooth={args.label_smooth} batch={setup['batch']} seed={args.seed}")
     if accelerator.is_main_process:
         print(line, flush=True)
+        for note in setup["notes"]:
+            print(f"note: {note}", flush=True)
         used = {k: setup["alpha"] if k == "lora_alpha" else getattr(args, k) for k in LORA_ARGPARSE_DEFAULTS}
         if setup["rank"] is None:  # full fine-tuning: no adapter flags apply
             used.update(rank=None, lora_alpha=None, lora_dropout=None)

@@ -18,10 +18,10 @@ both the layer's input and the plain two-matmul formulation (PEFT's) would keep.
 input in the compute dtype (shared with any neighbour that keeps the same tensor), dropout as a one-byte
 mask (x_drop is rebuilt), and an R-wide (tokens x R) projection only where it is smaller than the input and
 needed (RandLoRA's trainable `up`, VeRA's h1 when r is narrower than the input); the merged weight is
-rebuilt in backward, never kept; the frozen weight, the shared bases and the parameters are kept as the
-tensors they are, without copies. The frozen bases never get gradient state. The adapted layer keeps the
-base layer's own `weight`/`bias` parameters, so the model's state-dict keys do not change and merging is a
-plain in-place add.
+rebuilt in backward, never kept, as is a fused q/v LoRA's assembled (out x R) `up` (its B blocks are kept);
+the frozen weight, the shared bases and the parameters are kept as the tensors they are, without copies.
+The frozen bases never get gradient state. The adapted layer keeps the base layer's own `weight`/`bias`
+parameters, so the model's state-dict keys do not change and merging is a plain in-place add.
 
 Loading never fails silently: every bad argument or unreadable, inconsistent file raises AdapterError (one
 line naming the problem and the fix); a checkpoint's alpha must match the model's (a model whose alpha was a
@@ -36,8 +36,8 @@ functions (save_adapter, load_adapter, save_peft, load_peft, peft_config).
 
 Public API (`__all__`): apply_adapter, merge_adapter, unmerge_adapter, merge_and_unload, save_adapter,
 load_adapter, save_peft, load_peft, peft_config, trainable_parameters, adapter_state_dict, adapter_layers,
-default_alpha, method_class, AdapterLayer, LoraLayer, VeraLayer, RandLoraLayer, SharedBases, AdapterError,
-METHODS, METHOD_CLASSES, DEFAULT_TARGETS, FUSED_QKV_LORA, BASES_ATTR.
+default_alpha, randlora_fork_alpha, method_class, AdapterLayer, LoraLayer, VeraLayer, RandLoraLayer,
+SharedBases, AdapterError, METHODS, METHOD_CLASSES, DEFAULT_TARGETS, FUSED_QKV_LORA, BASES_ATTR.
 """
 import logging
 import math
@@ -56,8 +56,9 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["apply_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "save_adapter", "load_adapter",
            "save_peft", "load_peft", "peft_config", "trainable_parameters", "adapter_state_dict", "adapter_layers",
-           "default_alpha", "method_class", "AdapterLayer", "LoraLayer", "VeraLayer", "RandLoraLayer", "SharedBases",
-           "AdapterError", "METHODS", "METHOD_CLASSES", "DEFAULT_TARGETS", "FUSED_QKV_LORA", "BASES_ATTR"]
+           "default_alpha", "randlora_fork_alpha", "method_class", "AdapterLayer", "LoraLayer", "VeraLayer",
+           "RandLoraLayer", "SharedBases", "AdapterError", "METHODS", "METHOD_CLASSES", "DEFAULT_TARGETS",
+           "FUSED_QKV_LORA", "BASES_ATTR"]
 
 logger = logging.getLogger(__name__)
 
@@ -876,6 +877,21 @@ def _set_child(model, name, new):
 def default_alpha(method: str, rank: int) -> float:
     """alpha when none is given: LoRA's scale 1 (alpha = rank), PEFT's RandLoRA default 640; VeRA has no scale."""
     return method_class(method).default_alpha(rank)
+
+
+def randlora_fork_alpha(model: nn.Module, rank: int, alpha: float, targets: Names) -> tuple[float, int]:
+    """The alpha that gives RandLoRA's own scale, alpha / r / sqrt(n) (its PEFT fork for GLUE, its NLG code for
+    E2E), under ours and PEFT >= 0.16's alpha / r: (alpha / sqrt(n), n), n = ceil(min(in, out) / r) bases, which
+    must be one number in every targeted layer (nn.Linear or GPT-2's Conv1D)."""
+    names = _names(targets, "target_modules")
+    widths = {min(m.weight.shape) for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, Conv1D)) and _matches(n, names)}
+    n_bases = {math.ceil(w / rank) for w in widths}
+    if len(n_bases) != 1:
+        raise AdapterError(f"RandLoRA's scale alpha/r/sqrt(n) needs one number of bases n in every adapted layer, "
+                           f"found {sorted(n_bases)}; pass --randlora_scaling peft or --target_modules of one width")
+    n = n_bases.pop()
+    return alpha / math.sqrt(n), n
 
 
 def _check_method(method):

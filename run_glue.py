@@ -433,20 +433,14 @@ def adapter_targets(model, recipe, heads):
 
 
 def effective_alpha(model, recipe, targets):
-    """The alpha that gives the recipe's scale with scale = alpha / r (ours and PEFT >= 0.16). RandLoRA's PEFT fork
-    divides further by sqrt(n), n = ceil(min(in, out) / r) bases, which must then be the same in every layer."""
+    """The alpha that gives the recipe's scale with scale = alpha / r (ours and PEFT >= 0.16); RandLoRA's PEFT fork
+    divides further by sqrt(n bases) (peft_layers.randlora_fork_alpha)."""
     if recipe.scaling != "alpha/r/sqrt(n)":
         return recipe.alpha
-    widths = {min(m.in_features, m.out_features) for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and matches(n, targets)}
-    n_bases = {math.ceil(w / recipe.rank) for w in widths}
-    if len(n_bases) != 1:
-        raise UsageError(f"--randlora_scaling fork needs one number of bases in every adapted layer, found "
-                         f"{sorted(n_bases)}; pass --randlora_scaling peft or --target_modules of one width")
-    n = n_bases.pop()
+    alpha, n = peft_layers.randlora_fork_alpha(model, recipe.rank, recipe.alpha, targets)
     recipe.notes.append(f"RandLoRA fork scale alpha/r/sqrt(n) with n = {n} bases: stored as alpha = "
                         f"{recipe.alpha:g}/sqrt({n})")
-    return recipe.alpha / math.sqrt(n)
+    return alpha
 
 
 def add_adapter(model, recipe, model_args):

@@ -169,3 +169,25 @@ def test_bad_input_is_one_clear_error(tmp_path, monkeypatch, tiny_dir, beam_data
         run_script(gpt2_ft, monkeypatch, "--train_data", tmp_path / "none.jsonl", "--model_name_or_path", tiny_dir,
                    "--work_dir", tmp_path)
     assert not list(tmp_path.glob("*.jsonl")) and not list(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("method,extra,targets,scale", [
+    ("vera", [], ["c_attn"], 1.0),
+    # RandLoRA's NLG code: c_attn and the MLP, scale alpha / r / sqrt(n) with n = ceil(32 / 4) = 8 bases here
+    ("randlora", ["--lora_alpha", 8], ["c_attn", "mlp.c_fc", "mlp.c_proj"], 8 / 4 / 8 ** 0.5),
+    ("randlora", ["--lora_alpha", 8, "--randlora_scaling", "peft"], ["c_attn", "mlp.c_fc", "mlp.c_proj"], 2.0)])
+def test_vera_and_randlora_defaults_follow_their_papers_e2e_code(method, extra, targets, scale):
+    """`--adapter_name vera|randlora` adapt the layers those papers' E2E code adapts, at RandLoRA's own scale unless
+    told otherwise, and say at start that all of c_attn is adapted where that code adapts its q and v slices."""
+    from conftest import tiny_gpt2_config
+    from transformers import GPT2LMHeadModel
+    args, _ = gpt2_ft.parse_args(["--train_data", DEVSET, "--adapter_name", method, "--rank", 4, *extra])
+    model = GPT2LMHeadModel(tiny_gpt2_config())
+    setup = gpt2_ft.add_adapter(args, model, None)
+    assert setup["targets"] == targets and setup["scaling"] == pytest.approx(scale)
+    adapted = [name for name, _ in peft_layers.adapter_layers(model)]
+    assert not any(name.endswith("attn.c_proj") for name in adapted)
+    assert sum(name.endswith("mlp.c_fc") for name in adapted) == (method == "randlora") * model.config.n_layer
+    assert any("all of c_attn" in note for note in setup["notes"])
+    if method == "vera":  # lambda_d (r) + lambda_b (3 x n_embd) per block: r1024 on GPT-2 medium, the paper's 0.098M
+        assert setup["trainable_params"] == model.config.n_layer * (4 + 3 * model.config.n_embd)

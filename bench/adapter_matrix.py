@@ -1,0 +1,95 @@
+"""Every benchmark shape of bench_adapters.py in one command, and the README's table from its results.
+
+Runs bench_adapters.py for each shape (MiniLM, GPT-2-small, GPT-2-medium) in fp32 without dropout, fp32 with
+dropout 0.1 and bf16 autocast with dropout 0.1, plus the compiled MiniLM, each cell in its own process writing
+bench/results/adapters_<cell>.json; then prints one markdown table of ours / PEFT (saved for backward, peak RSS,
+speed) from whatever JSON files exist. Cells whose JSON exists are skipped (delete it to measure again).
+
+    python bench/adapter_matrix.py                 # all cells, two at a time, one thread each, CPU clock
+    python bench/adapter_matrix.py --table_only    # just the table from bench/results/
+    python bench/adapter_matrix.py --device cuda --parallel 1   # on a GPU (bf16 cells at batch 64 / 8 x 512)
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+SHAPES = ["minilm", "gpt2-small", "gpt2-medium"]
+SETTINGS = [("fp32", 0.0), ("fp32", 0.1), ("bf16", 0.1)]
+METHODS = [("lora", "LoRA"), ("vera", "VeRA r256"), ("vera1024", "VeRA r1024"), ("randlora", "RandLoRA")]
+SHAPE_NAMES = {"minilm": "MiniLM", "gpt2-small": "GPT-2-small", "gpt2-medium": "GPT-2-medium"}
+
+
+def cells(args):
+    out = []
+    for shape in SHAPES:
+        for precision, dropout in SETTINGS:
+            name = f"{args.device}_{shape}_{precision}_{dropout:g}"
+            flags = ["--shape", shape, "--adapter_dropout", str(dropout)] + (["--bf16"] if precision == "bf16" else [])
+            if args.device == "cuda" and precision == "bf16":  # the sizes users train at on a GPU
+                flags += ["--batch_size", "64"] if shape == "minilm" else ["--seq_len", "512"]
+            out.append((name, flags))
+    out.append((f"{args.device}_minilm_compiled_fp32_0.1", ["--shape", "minilm", "--adapter_dropout", "0.1",
+                                                           "--compile", "--skip_saved", "--skip_rss"]))
+    return out
+
+
+def run_cell(name, flags, args):
+    path = os.path.join(RESULTS, f"adapters_{name}.json")
+    if os.path.exists(path):
+        return f"{name}: kept (exists)"
+    cmd = [sys.executable, os.path.join(HERE, "bench_adapters.py"), *flags, "--device", args.device,
+           "--json_out", path, "--skip_inference", "--rounds", str(args.rounds)]
+    cmd += ["--clock", "cpu", "--threads", "1"] if args.device == "cpu" else []
+    cmd += ["--configs", "ours-lora,peft-lora,ours-vera,peft-vera,ours-randlora,peft-randlora"] \
+        if "--compile" in flags else []
+    log = os.path.join(RESULTS, f"adapters_{name}.log")
+    with open(log, "w") as f:
+        status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    return f"{name}: {'done' if status == 0 else f'FAILED ({status}), see {log}'}"
+
+
+def table(device):
+    rows = ["| shape | precision, dropout | measure | " + " | ".join(m for _, m in METHODS) + " |",
+            "|---|---|---|" + "---:|" * len(METHODS)]
+    for shape in SHAPES:
+        for precision, dropout in [*SETTINGS, ("compiled fp32", 0.1)]:
+            tag = precision.replace(" ", "_")
+            path = os.path.join(RESULTS, f"adapters_{device}_{shape}_{tag}_{dropout:g}.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                ratios = json.load(f)["ours_over_peft"]
+            for key, label in (("saved", "saved for backward"), ("peak", "peak RSS"), ("speed", "speed")):
+                vals = [ratios.get(m, {}).get(key) for m, _ in METHODS]
+                if all(v is None for v in vals):
+                    continue
+                cells_ = " | ".join("–" if v is None else f"{v:.3f}" for v in vals)
+                rows.append(f"| {SHAPE_NAMES[shape]} | {precision}, {dropout:g} | {label} | {cells_} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--parallel", type=int, default=2, help="cells at once (CPU: one thread each)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--only", default=None, help="comma-separated substrings: run only the cells whose name has one")
+    p.add_argument("--table_only", action="store_true")
+    args = p.parse_args(argv)
+    os.makedirs(RESULTS, exist_ok=True)
+    if not args.table_only:
+        todo = [c for c in cells(args) if not args.only or any(s in c[0] for s in args.only.split(","))]
+        with ThreadPoolExecutor(args.parallel) as pool:
+            for line in pool.map(lambda c: run_cell(*c, args), todo):
+                print(line, flush=True)
+    print(f"ours / PEFT 0.21.2 ({args.device}; below 1 = ours keeps less; speed above 1 = ours is faster)")
+    print(table(args.device))
+
+
+if __name__ == "__main__":
+    main()
