@@ -58,6 +58,7 @@ logger = logging.getLogger("gpt2_ft")
 # Default layers per method, from each paper's E2E code: LoRA the q and v slices of c_attn (microsoft/LoRA), VeRA
 # c_attn, RandLoRA c_attn and the MLP (RandLoRA's NLG model.py; the attention's c_proj stays plain).
 DEFAULT_TARGETS = {"lora": ["c_attn"], "vera": ["c_attn"], "randlora": ["c_attn", "mlp.c_fc", "mlp.c_proj"]}
+RECIPE_ALPHA = {"lora": 32}  # microsoft/LoRA's E2E alpha; the others take peft_layers' default
 STATE_FILE = "training_state.pt"
 GPT2_EOS = 50256
 
@@ -432,35 +433,34 @@ def load_model(args):
 
 def add_adapter(args, model, lora):
     """Apply the adapter (and load --init_checkpoint's LoRA tensors); returns the set-up as a dict."""
-    adapter = args.adapter_name != "none"
-    alpha, targets, notes = None, ["all weights"], []
-    if adapter:
-        targets = args.target_modules or DEFAULT_TARGETS[args.adapter_name]
-        alpha = args.lora_alpha if args.lora_alpha is not None else 32 if args.adapter_name == "lora" else None
-        layer_class = peft_layers.method_class(args.adapter_name)
-        if "c_attn" in targets and not layer_class.fused_qkv:
-            notes.append(f"{args.adapter_name} adapts all of c_attn (q, k and v): this suite's {args.adapter_name} "
-                         "has no per-slice form, where the paper's code adapts the q and v slices")
-        if layer_class is peft_layers.RandLoraLayer and args.randlora_scaling == "fork":
-            given = alpha if alpha is not None else layer_class.default_alpha(args.rank)
-            alpha, n = peft_layers.randlora_fork_alpha(model, args.rank, given, targets)
-            notes.append(f"RandLoRA's scale alpha/r/sqrt(n), n = {n} bases: alpha stored as {given:g}/sqrt({n})")
-        peft_layers.apply_adapter(model, args.adapter_name, args.rank, alpha, targets, args.lora_dropout,
-                                  seed=args.seed)
-        alpha = model.peft_layers_config["alpha"]
-        targets = model.peft_layers_config["target_modules"]
-        if args.adapter_name == "lora" and "c_attn" in targets:
-            targets = [t + " (q,v slices)" if t == "c_attn" else t for t in targets]
+    if args.adapter_name == "none":
+        if lora:
+            raise UsageError("--init_checkpoint holds LoRA tensors but --adapter_name is none")
+        trainable, total = peft_layers.trainable_parameters(model)
+        return {"method": "none", "rank": None, "alpha": None, "scaling": None, "targets": ["all weights"],
+                "dropout": None, "trainable_params": trainable, "total_params": total, "notes": []}
+    layer_class, notes = peft_layers.method_class(args.adapter_name), []
+    targets = args.target_modules or DEFAULT_TARGETS[args.adapter_name]
+    alpha = args.lora_alpha if args.lora_alpha is not None else RECIPE_ALPHA.get(args.adapter_name)
+    if "c_attn" in targets and not layer_class.fused_qkv:
+        notes.append(f"{args.adapter_name} adapts all of c_attn (q, k and v): this suite's {args.adapter_name} has no "
+                     "per-slice form, where the paper's code adapts the q and v slices")
+    if layer_class is peft_layers.RandLoraLayer and args.randlora_scaling == "fork":
+        given = alpha if alpha is not None else layer_class.default_alpha(args.rank)
+        alpha, n = peft_layers.randlora_fork_alpha(model, args.rank, given, targets)
+        notes.append(f"RandLoRA's scale alpha/r/sqrt(n), n = {n} bases: alpha stored as {given:g}/sqrt({n})")
+    peft_layers.apply_adapter(model, args.adapter_name, args.rank, alpha, targets, args.lora_dropout, seed=args.seed)
+    alpha = model.peft_layers_config["alpha"]
+    shown = [t + " (q,v slices)" if layer_class.fused_qkv and t in peft_layers.FUSED_QKV_LORA else t
+             for t in model.peft_layers_config["target_modules"]]
     if lora:
-        if args.adapter_name != "lora":
+        if layer_class is not peft_layers.LoraLayer:
             raise UsageError(f"--init_checkpoint holds LoRA tensors but --adapter_name is {args.adapter_name}")
         gpt2_checkpoint.load_lora_tensors(model, lora, args.init_checkpoint)
     trainable, total = peft_layers.trainable_parameters(model)
-    scale = {"lora": alpha / args.rank if alpha else None, "vera": 1.0,
-             "randlora": alpha / args.rank if alpha else None}.get(args.adapter_name)
-    return {"method": args.adapter_name, "rank": args.rank if adapter else None, "alpha": alpha, "scaling": scale,
-            "targets": targets, "dropout": args.lora_dropout if adapter else None, "trainable_params": trainable,
-            "total_params": total, "notes": notes}
+    return {"method": args.adapter_name, "rank": args.rank, "alpha": alpha,
+            "scaling": alpha / args.rank if layer_class.has_alpha else 1.0, "targets": shown,
+            "dropout": args.lora_dropout, "trainable_params": trainable, "total_params": total, "notes": notes}
 
 
 def build_training(args, accelerator, model, train_set, valid_set, pad_id):

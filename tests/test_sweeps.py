@@ -184,6 +184,21 @@ def test_the_failure_summary_prints_even_when_the_table_cannot_be_made(tiny_bert
 # ------------------------------------------------------------------------------------------------ E2E and GPU check
 
 
+def test_e2e_scale_preset_trains_a_whole_model_and_decodes_it():
+    """The scale preset: full fine-tuning of a 16M GPT-2 from scratch (no rank flags), its final/ folder decoded as
+    the model, all of the test set (no --max_examples)."""
+    result = sweep("e2e_all.sh", "scale", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    steps = [shlex.split(part.split("; fi")[0]) for part in result.stdout.split("then rm -f")[1:]]
+    train, beam = ([w for w in step if not w.startswith("$r")] for step in steps)  # minus the rm of stale outputs
+    assert train[train.index("--adapter_name") + 1] == "none" and "--lora_dim" not in train
+    assert train[train.index("--max_train_examples") + 1] == "6000" and train[train.index("--max_epoch") + 1] == "3"
+    run = train[train.index("--work_dir") + 1]
+    assert run.endswith("scale/full/1")
+    assert beam[beam.index("--model_name_or_path") + 1] == run + "/final" and "--init_checkpoint" not in beam
+    assert "--max_examples" not in beam and beam[beam.index("--beam") + 1] == "10"
+
+
 def test_e2e_smoke_sweep_runs_the_whole_chain_on_the_real_files(tmp_path):
     first = sweep("e2e_all.sh", "smoke", "--jobs", "2", RESULTS_DIR=tmp_path, SMOKE_SEEDS="1 2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
