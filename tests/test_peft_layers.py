@@ -359,7 +359,7 @@ def test_every_path_matches_plain_autograd_with_dropout(monkeypatch, method, ran
         torch.manual_seed(5)
         y = layer(x)
         torch.manual_seed(5)  # the same mask, drawn as the layer draws it
-        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
+        mask = pl._dropout_mask(x, p) if p > 0 else None
         x_drop = x if mask is None else x * mask / (1 - p)
         down, up = layer.factors()
         ref_y = x @ layer.weight.t() + layer.bias + layer.scale * x_drop @ (up @ down).t()
@@ -389,7 +389,7 @@ def test_fused_lora_every_path_matches_plain_autograd(monkeypatch, p, x_grad):
         torch.manual_seed(5)
         y = layer(x)
         torch.manual_seed(5)
-        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
+        mask = pl._dropout_mask(x, p) if p > 0 else None
         x_drop = x if mask is None else x * mask / (1 - p)
         down, up = layer.factors()
         assert up[6:12].abs().sum() == 0  # the k slice is not adapted
@@ -485,3 +485,10 @@ def test_gpt2_adapters_add_no_graph_breaks(method, rank, alpha, targets):
 
     adapted = pl.apply_adapter(gpt2(), method, rank, alpha, targets, dropout=0.1)
     assert breaks(adapted) == breaks(gpt2())
+
+
+def test_dropout_mask_keeps_each_element_with_probability_1_minus_p():
+    torch.manual_seed(0)
+    for p in (0.1, 0.5):
+        mask = pl._dropout_mask(torch.zeros(200_000), p)
+        assert mask.dtype == torch.bool and abs(mask.float().mean().item() - (1 - p)) < 0.005
