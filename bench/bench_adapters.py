@@ -11,7 +11,8 @@ Three measures, each configuration against its PEFT twin:
 * saved for backward: the bytes autograd keeps between forward and backward of one training step, counted with
   torch.autograd.graph.saved_tensors_hooks, each storage once, leaving out the model's own parameters and
   buffers (they exist whether or not anything is kept). Exact and repeatable, so it is the memory figure;
-* peak RSS (GPU: max_memory_allocated) of a fresh subprocess running a few steps, as a second opinion;
+* peak RSS (GPU: max_memory_allocated) of a fresh subprocess over a few steps, above what it holds between steps
+  (model, optimizer state, batch), as a second opinion;
 * samples/s: every configuration timed in one process, interleaved round by round so drift in machine load
   hits all alike; median over rounds. --clock cpu counts this process's CPU seconds (steady on a busy machine).
 
@@ -24,7 +25,6 @@ Three measures, each configuration against its PEFT twin:
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -146,18 +146,32 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def measure_memory(name, args):
-    """Runs in a fresh subprocess: peak memory (GB) over a few training steps of one configuration."""
+    """Runs in a fresh subprocess: the peak memory (GB) of a few training steps above the memory held between
+    steps (model, optimizer state, batch), so the large common part (libraries, weights) does not blur the
+    ratio. CPU: the peak resident set (VmHWM, reset through /proc/self/clear_refs after a warm-up step); GPU: the
+    allocator's peak."""
     model, opt = build(name, args)
     ids, labels = make_batch(args, args.device)
+    train_step(model, opt, ids, labels, args)  # warm-up: optimizer state and allocator pools exist from here on
+    sync(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+        resting = torch.cuda.memory_allocated()
+    else:
+        resting = _proc_status_kib("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets VmHWM to the current resident set
     for _ in range(args.memory_steps):
         train_step(model, opt, ids, labels, args)
     sync(args.device)
-    if args.device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+    peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else _proc_status_kib("VmHWM") * 1024
+    return (peak - resting) / 1e9
 
 
 def now(args):
@@ -249,7 +263,10 @@ def peak_memory(names, args):
     memory = {}
     for n in names:
         cmd = [sys.executable, __file__, "--_memory_of", n] + sys.argv[1:]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        # glibc: allocations over 64 KiB are mapped and returned on free, so the resident peak follows the live
+        # tensors instead of whatever the heap happens to retain (its default threshold grows with use)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
         memory[n] = json.loads(out)["peak_gb"]
         print(f"  peak memory {n}: {memory[n]:.3f} GB", flush=True)
     return memory
@@ -268,7 +285,7 @@ def saved_bytes(names, args):
 
 def report(names, args, speed, saved, memory):
     unit = "samples/s" if args.clock == "wall" else "samples/cpu-s"
-    print(f"\n{'config':<15} {unit:>13} {'saved MB':>9} {'peak GB':>8} {'vs floor':>9}")
+    print(f"\n{'config':<15} {unit:>13} {'saved MB':>9} {'peak GB':>8} {'vs floor':>9}   (peak: above the resting RSS)")
     for n in names:
         vs_floor = f"{speed[n] / speed['floor']:.3f}x" if "floor" in speed and n in speed and n != "floor" else ""
         rate = f"{speed[n]:.2f}" if n in speed else ""
