@@ -6,6 +6,7 @@ bench/results/adapters_<cell>.json; then prints one markdown table of ours / PEF
 speed) from whatever JSON files exist. Cells whose JSON exists are skipped (delete it to measure again).
 
     python bench/adapter_matrix.py                 # all cells, two at a time, one thread each, CPU clock
+    python bench/adapter_matrix.py --rss_only      # then the peak-RSS column again, pairs only (no idle machine needed)
     python bench/adapter_matrix.py --table_only    # just the table from bench/results/
     python bench/adapter_matrix.py --device cuda --parallel 1   # on a GPU (bf16 cells at batch 64 / 8 x 512)
 """
@@ -21,6 +22,9 @@ RESULTS = os.path.join(HERE, "results")
 SHAPES = ["minilm", "gpt2-small", "gpt2-medium"]
 SETTINGS = [("fp32", 0.0), ("fp32", 0.1), ("bf16", 0.1)]
 METHODS = [("lora", "LoRA"), ("vera", "VeRA r256"), ("vera1024", "VeRA r1024"), ("randlora", "RandLoRA")]
+PAIRS = "ours-lora,peft-lora,ours-vera,peft-vera,ours-randlora,peft-randlora"
+RSS_CONFIGS = {"minilm": PAIRS, "gpt2-small": PAIRS + ",ours-vera1024,peft-vera1024",
+               "gpt2-medium": PAIRS + ",ours-vera1024,peft-vera1024"}
 SHAPE_NAMES = {"minilm": "MiniLM", "gpt2-small": "GPT-2-small", "gpt2-medium": "GPT-2-medium"}
 
 
@@ -39,14 +43,17 @@ def cells(args):
 
 
 def run_cell(name, flags, args):
+    if args.rss_only:  # a later pass for the peak-RSS column alone (memory needs no idle machine)
+        if "--compile" in flags:
+            return f"{name}: no RSS pass for compiled cells"
+        name, flags = f"rss_{name}", [*flags, "--skip_saved", "--skip_speed", "--configs", RSS_CONFIGS[flags[1]]]
     path = os.path.join(RESULTS, f"adapters_{name}.json")
     if os.path.exists(path):
         return f"{name}: kept (exists)"
     cmd = [sys.executable, os.path.join(HERE, "bench_adapters.py"), *flags, "--device", args.device,
            "--json_out", path, "--skip_inference", "--rounds", str(args.rounds)]
     cmd += ["--clock", "cpu", "--threads", "1"] if args.device == "cpu" else []
-    cmd += ["--configs", "ours-lora,peft-lora,ours-vera,peft-vera,ours-randlora,peft-randlora"] \
-        if "--compile" in flags else []
+    cmd += ["--configs", PAIRS] if "--compile" in flags else []
     log = os.path.join(RESULTS, f"adapters_{name}.log")
     with open(log, "w") as f:
         status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -64,6 +71,11 @@ def table(device):
                 continue
             with open(path) as f:
                 ratios = json.load(f)["ours_over_peft"]
+            rss_path = os.path.join(RESULTS, f"adapters_rss_{device}_{shape}_{tag}_{dropout:g}.json")
+            if os.path.exists(rss_path):  # the separate peak-RSS pass replaces the first pass's column
+                with open(rss_path) as f:
+                    for method, row in json.load(f)["ours_over_peft"].items():
+                        ratios.setdefault(method, {})["peak"] = row["peak"]
             for key, label in (("saved", "saved for backward"), ("peak", "peak RSS"), ("speed", "speed")):
                 vals = [ratios.get(m, {}).get(key) for m, _ in METHODS]
                 if all(v is None for v in vals):
@@ -80,6 +92,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--only", default=None, help="comma-separated substrings: run only the cells whose name has one")
     p.add_argument("--table_only", action="store_true")
+    p.add_argument("--rss_only", action="store_true", help="a pass measuring only peak RSS (ours and PEFT pairs)")
     args = p.parse_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
     if not args.table_only:
