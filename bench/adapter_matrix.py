@@ -60,9 +60,13 @@ def run_cell(name, flags, args):
     return f"{name}: {'done' if status == 0 else f'FAILED ({status}), see {log}'}"
 
 
-def table(device):
-    rows = ["| shape | precision, dropout | measure | " + " | ".join(m for _, m in METHODS) + " |",
-            "|---|---|---|" + "---:|" * len(METHODS)]
+def table(device, compact=False):
+    if compact:
+        rows = ["| shape | precision, dropout | " + " | ".join(m for _, m in METHODS) + " |",
+                "|---|---|" + "---:|" * len(METHODS)]
+    else:
+        rows = ["| shape | precision, dropout | measure | " + " | ".join(m for _, m in METHODS) + " |",
+                "|---|---|---|" + "---:|" * len(METHODS)]
     for shape in SHAPES:
         for precision, dropout in [*SETTINGS, ("compiled fp32", 0.1)]:
             tag = precision.replace(" ", "_")
@@ -76,6 +80,11 @@ def table(device):
                 with open(rss_path) as f:
                     for method, row in json.load(f)["ours_over_peft"].items():
                         ratios.setdefault(method, {})["peak"] = row["peak"]
+            if compact:  # one row per cell: saved for backward / speed
+                cells_ = " | ".join(" / ".join("–" if ratios.get(m, {}).get(k) is None else f"{ratios[m][k]:.3f}"
+                                               for k in ("saved", "speed")) if m in ratios else "–" for m, _ in METHODS)
+                rows.append(f"| {SHAPE_NAMES[shape]} | {precision}, {dropout:g} | {cells_} |")
+                continue
             for key, label in (("saved", "saved for backward"), ("peak", "peak RSS"), ("speed", "speed")):
                 vals = [ratios.get(m, {}).get(key) for m, _ in METHODS]
                 if all(v is None for v in vals):
@@ -93,6 +102,7 @@ def main(argv=None):
     p.add_argument("--only", default=None, help="comma-separated substrings: run only the cells whose name has one")
     p.add_argument("--table_only", action="store_true")
     p.add_argument("--rss_only", action="store_true", help="a pass measuring only peak RSS (ours and PEFT pairs)")
+    p.add_argument("--compact", action="store_true", help="table cells 'saved for backward / speed'")
     args = p.parse_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
     if not args.table_only:
@@ -101,7 +111,7 @@ def main(argv=None):
             for line in pool.map(lambda c: run_cell(*c, args), todo):
                 print(line, flush=True)
     print(f"ours / PEFT 0.21.2 ({args.device}; below 1 = ours keeps less; speed above 1 = ours is faster)")
-    print(table(args.device))
+    print(table(args.device, args.compact))
 
 
 if __name__ == "__main__":
