@@ -134,6 +134,15 @@ def _take_slices(full, slices, r):
     return torch.cat([full[i * d:(i + 1) * d, j * r:(j + 1) * r] for j, i in enumerate(rows)], 0)
 
 
+def _backward_start(ctx, grad_out, weight, mask):
+    """What every adapted layer's backward starts with: refuse a base weight that was made trainable, and view
+    grad_out and the dropout mask as (tokens x features). Returns g2, mask2, out_f, in_f."""
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError(_FROZEN_WEIGHT)
+    out_f, in_f = weight.shape
+    return grad_out.reshape(-1, out_f), None if mask is None else mask.reshape(-1, in_f), out_f, in_f
+
+
 class _AdaptedLinear(torch.autograd.Function):
     """y = x W^T + b + scale * x_drop (up @ down)^T, with W frozen; x_drop = x when there is no dropout mask.
 
@@ -185,16 +194,12 @@ class _AdaptedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, down, up, mask, h = ctx.saved_tensors
-        need_x, need_w, _, need_down, need_up = ctx.needs_input_grad[:5]
-        if need_w:
-            raise RuntimeError(_FROZEN_WEIGHT)
-        out_f, in_f = weight.shape
+        need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
+        g2, mask2, out_f, in_f = _backward_start(ctx, grad_out, weight, mask)
         scale, p, dt = ctx.scale, ctx.p, grad_out.dtype
-        g2 = grad_out.reshape(-1, out_f)
         if up is not None and ctx.slices is not None:
             up = _place_slices(up, *ctx.slices)
         w, down, up = _cast(weight, dt), _cast(down, dt), _cast(up, dt)  # None where backward does not use it
-        mask2 = None if mask is None else mask.reshape(-1, in_f)
         xd2 = None if x is None else _dropped(x.reshape(-1, in_f), mask2, p)
         grad_x = grad_down = grad_up = grad_bias = None
         adapter_gx = None  # the adapter's share of grad_x, before dropout's mask
@@ -267,14 +272,10 @@ class _VeraThin(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, A, B, lambda_d, lambda_b, mask, h1, h3 = ctx.saved_tensors
-        need_x, need_w, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
-        if need_w:
-            raise RuntimeError(_FROZEN_WEIGHT)
-        out_f, in_f = weight.shape
+        need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
+        g2, mask2, _, in_f = _backward_start(ctx, grad_out, weight, mask)
         p, dt = ctx.p, grad_out.dtype
-        g2 = grad_out.reshape(-1, out_f)
         A, B, ld, lb = _cast(A, dt), _cast(B, dt), _cast(lambda_d, dt), _cast(lambda_b, dt)
-        mask2 = None if mask is None else mask.reshape(-1, in_f)
         if h1 is None and x is not None:
             h1 = torch.mm(_dropped(x.reshape(-1, in_f), mask2, p), A.t())
         grad_x = grad_d = grad_b = grad_bias = None
@@ -324,14 +325,10 @@ class _VeraDense(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, A, B, lambda_d, lambda_b, mask = ctx.saved_tensors
-        need_x, need_w, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
-        if need_w:
-            raise RuntimeError(_FROZEN_WEIGHT)
-        out_f, in_f = weight.shape
+        need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
+        g2, mask2, _, in_f = _backward_start(ctx, grad_out, weight, mask)
         p, dt = ctx.p, grad_out.dtype
-        g2 = grad_out.reshape(-1, out_f)
         A, B, ld, lb = _cast(A, dt), _cast(B, dt), _cast(lambda_d, dt), _cast(lambda_b, dt)
-        mask2 = None if mask is None else mask.reshape(-1, in_f)
         grad_x = grad_d = grad_b = grad_bias = None
         if need_d or need_b:
             gw = torch.mm(g2.t(), _dropped(x.reshape(-1, in_f), mask2, p))  # (out x in), never per token
