@@ -57,7 +57,8 @@ from legacy_adamw import LegacyAdamW
 logger = logging.getLogger("gpt2_ft")
 # Default layers per method, from each paper's E2E code: LoRA the q and v slices of c_attn (microsoft/LoRA), VeRA
 # c_attn, RandLoRA c_attn and the MLP (RandLoRA's NLG model.py; the attention's c_proj stays plain).
-DEFAULT_TARGETS = {"lora": ["c_attn"], "vera": ["c_attn"], "randlora": ["c_attn", "mlp.c_fc", "mlp.c_proj"]}
+# (LoRA: None, peft_layers' default for the architecture, so other causal LMs get their q/v projections.)
+DEFAULT_TARGETS = {"lora": None, "vera": ["c_attn"], "randlora": ["c_attn", "mlp.c_fc", "mlp.c_proj"]}
 RECIPE_ALPHA = {"lora": 32}  # microsoft/LoRA's E2E alpha; the others take peft_layers' default
 STATE_FILE = "training_state.pt"
 GPT2_EOS = 50256
@@ -442,7 +443,7 @@ def add_adapter(args, model, lora):
     layer_class, notes = peft_layers.method_class(args.adapter_name), []
     targets = args.target_modules or DEFAULT_TARGETS[args.adapter_name]
     alpha = args.lora_alpha if args.lora_alpha is not None else RECIPE_ALPHA.get(args.adapter_name)
-    if "c_attn" in targets and not layer_class.fused_qkv:
+    if targets and "c_attn" in targets and not layer_class.fused_qkv:
         notes.append(f"{args.adapter_name} adapts all of c_attn (q, k and v): this suite's {args.adapter_name} has no "
                      "per-slice form, where the paper's code adapts the q and v slices")
     if layer_class is peft_layers.RandLoraLayer and args.randlora_scaling == "fork":

@@ -191,3 +191,13 @@ def test_vera_and_randlora_defaults_follow_their_papers_e2e_code(method, extra, 
     assert any("all of c_attn" in note for note in setup["notes"])
     if method == "vera":  # lambda_d (r) + lambda_b (3 x n_embd) per block: r1024 on GPT-2 medium, the paper's 0.098M
         assert setup["trainable_params"] == model.config.n_layer * (4 + 3 * model.config.n_embd)
+
+
+def test_lora_on_another_causal_lm_takes_that_architectures_default_layers():
+    """Without --target_modules, LoRA adapts the architecture's q/v projections (GPT-2: c_attn's q and v slices)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    args, _ = gpt2_ft.parse_args(["--train_data", DEVSET])
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    setup = gpt2_ft.add_adapter(args, model, None)
+    assert sorted(setup["targets"]) == ["q_proj", "v_proj"] and setup["notes"] == []
