@@ -20,8 +20,11 @@ mask (x_drop is rebuilt), and an R-wide (tokens x R) projection only where it is
 needed (RandLoRA's trainable `up`, VeRA's h1 when r is narrower than the input); the merged weight is
 rebuilt in backward, never kept, as is a fused q/v LoRA's assembled (out x R) `up` (its B blocks are kept);
 the frozen weight, the shared bases and the parameters are kept as the tensors they are, without copies.
-The frozen bases never get gradient state. The adapted layer keeps the base layer's own `weight`/`bias`
-parameters, so the model's state-dict keys do not change and merging is a plain in-place add.
+Dropout's 1 / (1 - p), the LoRA scale and VeRA's lambdas are folded into the small factors, an R-wide product or
+a matmul's alpha, not applied to a (tokens x in) or (tokens x out) tensor, and the adapter's product is
+accumulated into the frozen matmul's output. The frozen bases never get gradient state. The adapted layer keeps
+the base layer's own `weight`/`bias` parameters, so the model's state-dict keys do not change and merging is a
+plain in-place add.
 
 Loading never fails silently: every bad argument or unreadable, inconsistent file raises AdapterError (one
 line naming the problem and the fix); a checkpoint's alpha must match the model's (a model whose alpha was a
@@ -104,9 +107,10 @@ def _dropout_mask(x, p):
     return torch.rand(x.shape, device=x.device) >= p
 
 
-def _dropped(x2, mask2, p):
-    """x with dropout applied from a kept boolean mask (same as nn.Dropout: zeroed, scaled by 1 / (1 - p))."""
-    return x2 if mask2 is None else x2 * mask2 * (1.0 / (1.0 - p))
+def _masked(x2, mask2):
+    """x with dropout's zeros from a kept boolean mask, not yet scaled: the 1 / (1 - p) of nn.Dropout is folded
+    into a small factor or a matmul's alpha instead, which saves a pass over the (tokens x in) input."""
+    return x2 if mask2 is None else x2 * mask2
 
 
 def _cast(t, dtype):
@@ -164,7 +168,7 @@ class _AdaptedLinear(torch.autograd.Function):
         w, dn = _cast(weight, dt), _cast(down, dt)
         # slices: `up` holds only the adapted q/k/v blocks of a fused layer; placed here, rebuilt in backward
         upc = _cast(up, dt) if slices is None else _cast(_place_slices(up, *slices), dt)
-        xd2 = _dropped(x2, mask2, p)
+        xm2, s = _masked(x2, mask2), 1.0 / (1.0 - p)  # x_drop = s * xm2
         half = dt not in (torch.float32, torch.float64)
         h = None
         if dense:
@@ -172,11 +176,11 @@ class _AdaptedLinear(torch.autograd.Function):
             if mask is None and not half:
                 y = F.linear(x2, w + delta, bias)
             else:
-                y = F.linear(x2, w, bias).addmm_(xd2, delta.t())
+                y = F.linear(x2, w, bias).addmm_(xm2, delta.t(), alpha=s)
             keep_x = need_down or need_up
         else:
-            h = torch.mm(xd2, dn.t())
-            y = F.linear(x2, w, bias).addmm_(h, upc.t(), alpha=scale)
+            h = torch.mm(xm2, dn.t())  # x_drop down^T / s
+            y = F.linear(x2, w, bias).addmm_(h, upc.t(), alpha=scale * s)
             keep_h = keep_h and need_up
             keep_x = need_down or (need_up and not keep_h)
         keep_mask = mask is not None and (keep_x or need_x)
@@ -196,16 +200,16 @@ class _AdaptedLinear(torch.autograd.Function):
         x, weight, down, up, mask, h = ctx.saved_tensors
         need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
         g2, mask2, out_f, in_f = _backward_start(ctx, grad_out, weight, mask)
-        scale, p, dt = ctx.scale, ctx.p, grad_out.dtype
+        scale, s, dt = ctx.scale, 1.0 / (1.0 - ctx.p), grad_out.dtype  # x_drop = s * xm2
         if up is not None and ctx.slices is not None:
             up = _place_slices(up, *ctx.slices)
         w, down, up = _cast(weight, dt), _cast(down, dt), _cast(up, dt)  # None where backward does not use it
-        xd2 = None if x is None else _dropped(x.reshape(-1, in_f), mask2, p)
+        xm2 = None if x is None else _masked(x.reshape(-1, in_f), mask2)
         grad_x = grad_down = grad_up = grad_bias = None
         adapter_gx = None  # the adapter's share of grad_x, before dropout's mask
         if ctx.dense:
             if need_down or need_up:
-                gw = torch.mm(g2.t(), xd2).mul_(scale)  # gradient of delta_W: (out x in), never per token
+                gw = torch.mm(g2.t(), xm2).mul_(scale * s)  # gradient of delta_W: (out x in), never per token
                 grad_up = torch.mm(gw, down.t()) if need_up else None
                 grad_down = torch.mm(up.t(), gw) if need_down else None
             if need_x:
@@ -213,23 +217,23 @@ class _AdaptedLinear(torch.autograd.Function):
                 if mask is None and not ctx.half:
                     grad_x = torch.mm(g2, torch.addmm(w, up, down, alpha=scale))
                 elif tokens * width * (in_f + out_f) < (tokens + width) * in_f * out_f:
-                    adapter_gx = torch.mm(torch.mm(g2, up), down).mul_(scale)
+                    adapter_gx = torch.mm(torch.mm(g2, up).mul_(scale * s), down)
                 else:
-                    adapter_gx = torch.mm(g2, torch.mm(up, down).mul_(scale))
+                    adapter_gx = torch.mm(g2, torch.mm(up, down).mul_(scale * s))
         else:
-            gh = torch.mm(g2, up).mul_(scale) if (need_down or need_x) else None  # (tokens x R)
+            gh = torch.mm(g2, up).mul_(scale * s) if (need_down or need_x) else None  # (tokens x R)
             if need_up:
-                h = h if h is not None else torch.mm(xd2, down.t())
-                grad_up = torch.mm(g2.t(), h).mul_(scale)
+                h = h if h is not None else torch.mm(xm2, down.t())
+                grad_up = torch.mm(g2.t(), h).mul_(scale * s)
             if need_down:
-                grad_down = torch.mm(gh.t(), xd2)
+                grad_down = torch.mm(gh.t(), xm2)
             if need_x:
                 if mask is None:
                     grad_x = torch.mm(g2, w).addmm_(gh, down)
                 else:
                     adapter_gx = torch.mm(gh, down)
-        if adapter_gx is not None:
-            grad_x = torch.mm(g2, w).add_(_dropped(adapter_gx, mask2, p))
+        if adapter_gx is not None:  # masked in place, then the frozen weight's share accumulated into it
+            grad_x = (adapter_gx if mask2 is None else adapter_gx.mul_(mask2)).addmm_(g2, w)
         if grad_x is not None:
             grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
@@ -254,13 +258,18 @@ class _VeraThin(torch.autograd.Function):
         out_f, in_f = weight.shape
         x2 = x.reshape(-1, in_f)
         mask2 = None if mask is None else mask.reshape(-1, in_f)
-        ld, lb = _cast(lambda_d, dt), _cast(lambda_b, dt)
-        h1 = torch.mm(_dropped(x2, mask2, p), _cast(A, dt).t())
-        h3 = torch.mm(h1 * ld, _cast(B, dt).t())
-        y = F.linear(x2, _cast(weight, dt), bias).add_(h3 * lb)
+        s = 1.0 / (1.0 - p)  # x_drop = s * xm2; s and lambda_d are folded into B (out x r), not applied per token
+        h1 = torch.mm(_masked(x2, mask2), _cast(A, dt).t())  # x_drop A^T / s
+        y = F.linear(x2, _cast(weight, dt), bias)
+        keep_h3 = keep_h3 and need_b
+        h3 = None
+        if keep_h3:
+            h3 = torch.mm(h1, _cast(B * (lambda_d * s), dt).t())  # ((x_drop A^T) * lambda_d) B^T
+            y.addcmul_(h3, _cast(lambda_b, dt))
+        else:
+            y.addmm_(h1, _cast(lambda_b[:, None] * B * (lambda_d * s), dt).t())
         keep_h1 = need_d or need_b or need_x
         keep_x = keep_h1 and A.shape[0] > in_f  # rebuilding h1 from x keeps less than h1 itself
-        keep_h3 = keep_h3 and need_b
         keep_mask = mask is not None and (keep_x or need_x)
         ctx.save_for_backward(x if keep_x else None, weight, A, B, lambda_d, lambda_b,
                               mask if keep_mask else None, h1 if (keep_h1 and not keep_x) else None,
@@ -274,23 +283,22 @@ class _VeraThin(torch.autograd.Function):
         x, weight, A, B, lambda_d, lambda_b, mask, h1, h3 = ctx.saved_tensors
         need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
         g2, mask2, _, in_f = _backward_start(ctx, grad_out, weight, mask)
-        p, dt = ctx.p, grad_out.dtype
-        A, B, ld, lb = _cast(A, dt), _cast(B, dt), _cast(lambda_d, dt), _cast(lambda_b, dt)
+        s, dt = 1.0 / (1.0 - ctx.p), grad_out.dtype  # h1 is x_drop A^T / s, as kept
         if h1 is None and x is not None:
-            h1 = torch.mm(_dropped(x.reshape(-1, in_f), mask2, p), A.t())
+            h1 = torch.mm(_masked(x.reshape(-1, in_f), mask2), _cast(A, dt).t())
         grad_x = grad_d = grad_b = grad_bias = None
         if need_b:
             if h3 is not None:
                 grad_b = (g2 * h3).sum(0)
-            else:  # sum_t g[t, o] h3[t, o] with h3 = (h1 * lambda_d) B^T, without forming h3
-                grad_b = (torch.mm(g2.t(), h1 * ld) * B).sum(1)
+            else:  # sum_t g[t, o] h3[t, o] with h3 = s (h1 * lambda_d) B^T, without forming h3
+                grad_b = torch.mv(torch.mm(g2.t(), h1).mul_(_cast(B, dt)), _cast(lambda_d * s, dt))
         if need_d or need_x:
-            u = torch.mm(g2 * lb, B)  # (tokens x r)
+            u = torch.mm(g2, _cast(lambda_b[:, None] * B, dt))  # (tokens x r): the gradient at lambda_d * h1
             if need_d:
-                grad_d = (u * h1).sum(0)
-            if need_x:
-                gx_adapter = torch.mm(u * ld, A)
-                grad_x = torch.mm(g2, _cast(weight, dt)).add_(_dropped(gx_adapter, mask2, p))
+                grad_d = (u * h1).sum(0).mul_(s)
+            if need_x:  # the adapter's share, masked in place, then the frozen weight's accumulated into it
+                grad_x = torch.mm(u, _cast(A * (lambda_d * s)[:, None], dt))
+                grad_x = (grad_x if mask2 is None else grad_x.mul_(mask2)).addmm_(g2, _cast(weight, dt))
                 grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
             grad_bias = g2.sum(0)
@@ -314,7 +322,7 @@ class _VeraDense(torch.autograd.Function):
         if mask is None and not half:
             y = F.linear(x2, _cast(weight, dt) + delta, bias)
         else:
-            y = F.linear(x2, _cast(weight, dt), bias).addmm_(_dropped(x2, mask2, p), delta.t())
+            y = F.linear(x2, _cast(weight, dt), bias).addmm_(_masked(x2, mask2), delta.t(), alpha=1.0 / (1.0 - p))
         keep_x = need_d or need_b
         ctx.save_for_backward(x if keep_x else None, weight, A, B, lambda_d, lambda_b,
                               mask if mask is not None and (keep_x or need_x) else None)
@@ -327,11 +335,11 @@ class _VeraDense(torch.autograd.Function):
         x, weight, A, B, lambda_d, lambda_b, mask = ctx.saved_tensors
         need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
         g2, mask2, _, in_f = _backward_start(ctx, grad_out, weight, mask)
-        p, dt = ctx.p, grad_out.dtype
+        s, dt = 1.0 / (1.0 - ctx.p), grad_out.dtype  # x_drop = s * masked x
         A, B, ld, lb = _cast(A, dt), _cast(B, dt), _cast(lambda_d, dt), _cast(lambda_b, dt)
         grad_x = grad_d = grad_b = grad_bias = None
         if need_d or need_b:
-            gw = torch.mm(g2.t(), _dropped(x.reshape(-1, in_f), mask2, p))  # (out x in), never per token
+            gw = torch.mm(g2.t(), _masked(x.reshape(-1, in_f), mask2)).mul_(s)  # (out x in), never per token
             if need_b:  # d/d lambda_b[o] of sum(gw * diag(lambda_b) B diag(lambda_d) A)
                 grad_b = (gw * torch.mm(B * ld, A)).sum(1)
             if need_d:
@@ -341,7 +349,8 @@ class _VeraDense(torch.autograd.Function):
             if mask is None and not ctx.half:
                 grad_x = torch.mm(g2, _cast(weight, dt) + delta)
             else:
-                grad_x = torch.mm(g2, _cast(weight, dt)).add_(_dropped(torch.mm(g2, delta), mask2, p))
+                grad_x = torch.mm(g2, delta.mul_(s))
+                grad_x = (grad_x if mask2 is None else grad_x.mul_(mask2)).addmm_(g2, _cast(weight, dt))
             grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
             grad_bias = g2.sum(0)
