@@ -3,7 +3,7 @@
 # one table of BLEU, NIST, METEOR, ROUGE_L and CIDEr, mean ± std over seeds (parse_results.py), and a chart.
 #
 #   bash e2e_all.sh smoke     # CPU: a small GPT-2 built from config, the real E2E files, 2 seeds: the whole chain
-#   bash e2e_all.sh scale     # CPU, about an hour: a 16M-parameter GPT-2 trained from scratch on 6,000 rows for
+#   bash e2e_all.sh scale     # CPU, about 35 min: a 16M-parameter GPT-2 trained from scratch on 6,000 rows for
 #                             # 3 epochs, all 630 test MRs decoded with microsoft/LoRA's beam settings
 #   bash e2e_all.sh lora      # LoRA paper Table 3, GPT-2 medium: LoRA r4 alpha 32 on q,v; lr 2e-4, 5 epochs, batch 8
 #   bash e2e_all.sh vera      # VeRA paper Table 3, GPT-2 medium: VeRA r1024 on c_attn, lr 1e-1
@@ -49,7 +49,7 @@ case "$preset" in
     SMOKE_TEST_FILE=$RESULTS_DIR/test_first_${SMOKE_MRS}_mrs.jsonl  # those MRs with all their references
     PAPER=() ;;
   scale)
-    # The chain at a scale that learns the task on a CPU: a 16.3M-parameter GPT-2 (256 wide, 4 blocks) built from
+    # The chain at a scale that learns the task on a CPU: a 16.1M-parameter GPT-2 (256 wide, 4 blocks) built from
     # config and fully trained from scratch (no pretrained GPT-2 here), then the whole test set. A yardstick for the
     # chain on real data, not a paper number (TGen, the challenge baseline: BLEU 65.9, NIST 8.61, METEOR 44.8,
     # ROUGE_L 68.5, CIDEr 2.23).
