@@ -249,6 +249,7 @@ class _VeraThin(torch.autograd.Function):
     Only the two scaling vectors train, so no factor-sized gradient is formed. Kept for backward: the
     (tokens x r) projection h1 = x_drop A^T (or x, when r is wider than the input), and the (tokens x out)
     product h3 only when keep_h3 (the caller's memory plan); without it lambda_b's gradient is formed from h1.
+    h1 is formed from the masked input without dropout's 1 / (1 - p), which is folded into the vectors' uses.
     """
 
     @staticmethod
