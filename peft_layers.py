@@ -191,7 +191,7 @@ class _AdaptedLinear(torch.autograd.Function):
                               (upc if need_up and slices is None else up) if use_up else None,
                               mask if keep_mask else None,
                               h if (not dense and keep_h) else None)
-        ctx.scale, ctx.p, ctx.dense, ctx.half, ctx.slices = scale, p, dense, half, slices
+        ctx.scale, ctx.s, ctx.dense, ctx.half, ctx.slices = scale, s, dense, half, slices
         ctx.bias_grad = bias is not None and bias.requires_grad
         return y.view(*x.shape[:-1], out_f)
 
@@ -200,7 +200,7 @@ class _AdaptedLinear(torch.autograd.Function):
         x, weight, down, up, mask, h = ctx.saved_tensors
         need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
         g2, mask2, out_f, in_f = _backward_start(ctx, grad_out, weight, mask)
-        scale, s, dt = ctx.scale, 1.0 / (1.0 - ctx.p), grad_out.dtype  # x_drop = s * xm2
+        scale, s, dt = ctx.scale, ctx.s, grad_out.dtype  # x_drop = s * xm2
         if up is not None and ctx.slices is not None:
             up = _place_slices(up, *ctx.slices)
         w, down, up = _cast(weight, dt), _cast(down, dt), _cast(up, dt)  # None where backward does not use it
@@ -275,7 +275,7 @@ class _VeraThin(torch.autograd.Function):
         ctx.save_for_backward(x if keep_x else None, weight, A, B, lambda_d, lambda_b,
                               mask if keep_mask else None, h1 if (keep_h1 and not keep_x) else None,
                               h3 if keep_h3 else None)
-        ctx.p = p
+        ctx.s = s
         ctx.bias_grad = bias is not None and bias.requires_grad
         return y.view(*x.shape[:-1], out_f)
 
@@ -284,7 +284,7 @@ class _VeraThin(torch.autograd.Function):
         x, weight, A, B, lambda_d, lambda_b, mask, h1, h3 = ctx.saved_tensors
         need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
         g2, mask2, _, in_f = _backward_start(ctx, grad_out, weight, mask)
-        s, dt = 1.0 / (1.0 - ctx.p), grad_out.dtype  # h1 is x_drop A^T / s, as kept
+        s, dt = ctx.s, grad_out.dtype  # h1 is x_drop A^T / s, as kept
         if h1 is None and x is not None:
             h1 = torch.mm(_masked(x.reshape(-1, in_f), mask2), _cast(A, dt).t())
         grad_x = grad_d = grad_b = grad_bias = None
@@ -319,15 +319,15 @@ class _VeraDense(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)
         mask2 = None if mask is None else mask.reshape(-1, in_f)
         delta = torch.mm(_cast(lambda_b[:, None] * B, dt), _cast(lambda_d[:, None] * A, dt))
-        half = dt not in (torch.float32, torch.float64)
+        half, s = dt not in (torch.float32, torch.float64), 1.0 / (1.0 - p)  # x_drop = s * masked x
         if mask is None and not half:
             y = F.linear(x2, _cast(weight, dt) + delta, bias)
         else:
-            y = F.linear(x2, _cast(weight, dt), bias).addmm_(_masked(x2, mask2), delta.t(), alpha=1.0 / (1.0 - p))
+            y = F.linear(x2, _cast(weight, dt), bias).addmm_(_masked(x2, mask2), delta.t(), alpha=s)
         keep_x = need_d or need_b
         ctx.save_for_backward(x if keep_x else None, weight, A, B, lambda_d, lambda_b,
                               mask if mask is not None and (keep_x or need_x) else None)
-        ctx.p, ctx.half = p, half
+        ctx.s, ctx.half = s, half
         ctx.bias_grad = bias is not None and bias.requires_grad
         return y.view(*x.shape[:-1], out_f)
 
@@ -336,7 +336,7 @@ class _VeraDense(torch.autograd.Function):
         x, weight, A, B, lambda_d, lambda_b, mask = ctx.saved_tensors
         need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
         g2, mask2, _, in_f = _backward_start(ctx, grad_out, weight, mask)
-        s, dt = 1.0 / (1.0 - ctx.p), grad_out.dtype  # x_drop = s * masked x
+        s, dt = ctx.s, grad_out.dtype  # x_drop = s * masked x
         A, B, ld, lb = _cast(A, dt), _cast(B, dt), _cast(lambda_d, dt), _cast(lambda_b, dt)
         grad_x = grad_d = grad_b = grad_bias = None
         if need_d or need_b:
