@@ -8,6 +8,7 @@ speed) from whatever JSON files exist. Cells whose JSON exists are skipped (dele
     python bench/adapter_matrix.py                 # all cells, two at a time, one thread each, CPU clock
     python bench/adapter_matrix.py --rss_only      # then the peak-RSS column again, pairs only (no idle machine needed)
     python bench/adapter_matrix.py --table_only    # just the table from bench/results/
+    python bench/adapter_matrix.py --table_only --compact   # the README's form: 'saved for backward / speed'
     python bench/adapter_matrix.py --device cuda --parallel 1   # on a GPU (bf16 cells at batch 64 / 8 x 512)
 """
 import argparse
