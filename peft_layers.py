@@ -9,14 +9,15 @@ Every method writes its weight update the same way, delta_W = scale * up @ down,
               laid out exactly as HF PEFT does                                           scale = alpha / r
 
 Each call then picks, by its cost in multiply-adds and the bytes it keeps for backward, one exact way to
-compute y = x W^T + b + x_drop delta_W^T (autograd functions `_AdaptedLinear` and `_VeraThin`):
+compute y = x W^T + b + x_drop delta_W^T (autograd functions `_AdaptedLinear`, `_VeraThin`, `_VeraDense`):
 the factored form (x_drop down^T) up^T; the dense form through delta_W (one matmul with W + delta_W, or
 x_drop delta_W^T as a second matmul in half precision and with dropout), whose backward forms the (out x in)
 gradient once and projects it onto the factors; or, for VeRA, whose only trainable tensors are two scaling
-vectors, the thin form over (tokens x r) products. The fastest path wins among those that keep no more than
-both the layer's input and the plain two-matmul formulation (PEFT's) would keep. Kept for backward: the
-input in the compute dtype (shared with any neighbour that keeps the same tensor), dropout as a one-byte
-mask (x_drop is rebuilt), and an R-wide (tokens x R) projection only where it is smaller than the input and
+vectors, the thin form, whose vectors' gradients come from one (out x r) product of (tokens x r) ones (in
+fp32 without dropout, y and grad_x may go through W + delta_W instead). The fastest path wins among those that
+keep no more than both the layer's input and the plain two-matmul formulation (PEFT's) would keep. Kept for
+backward: the input in the compute dtype (shared with any neighbour that keeps the same tensor), dropout as a
+one-byte mask (x_drop is rebuilt), and an R-wide (tokens x R) projection only where it is smaller than the input and
 needed (RandLoRA's trainable `up`, VeRA's h1 when r is narrower than the input); the merged weight is
 rebuilt in backward, never kept, as is a fused q/v LoRA's assembled (out x R) `up` (its B blocks are kept);
 the frozen weight, the shared bases and the parameters are kept as the tensors they are, without copies.
@@ -117,6 +118,14 @@ def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _plus_product(w, a, b, alpha=1.0):
+    """w + alpha * a @ b, laid out in memory as w is: a GPT-2 Conv1D weight arrives as a transposed view, and
+    copying it into row-major order first is a slow strided pass over the whole (out x in) matrix."""
+    if w.dim() == 2 and not w.is_contiguous() and w.t().is_contiguous():
+        return torch.addmm(w.t(), b.t(), a.t(), alpha=alpha).t()
+    return torch.addmm(w, a, b, alpha=alpha)
+
+
 def _place_slices(blocks, slices, r):
     """A fused q/k/v layer's `up` (out x r * n_on) from the adapted slices' B blocks (n_on * d x r), stacked
     in order: each block on its slice's rows and its own r columns, zeros elsewhere (loralib's MergedLinear)."""
@@ -172,11 +181,10 @@ class _AdaptedLinear(torch.autograd.Function):
         half = dt not in (torch.float32, torch.float64)
         h = None
         if dense:
-            delta = torch.mm(upc, dn).mul_(scale)
             if mask is None and not half:
-                y = F.linear(x2, w + delta, bias)
+                y = F.linear(x2, _plus_product(w, upc, dn, alpha=scale), bias)
             else:
-                y = F.linear(x2, w, bias).addmm_(xm2, delta.t(), alpha=s)
+                y = F.linear(x2, w, bias).addmm_(xm2, torch.mm(upc, dn).t(), alpha=scale * s)
             keep_x = need_down or need_up
         else:
             h = torch.mm(xm2, dn.t())  # x_drop down^T / s
@@ -215,7 +223,7 @@ class _AdaptedLinear(torch.autograd.Function):
             if need_x:
                 tokens, width = g2.shape[0], up.shape[1]
                 if mask is None and not ctx.half:
-                    grad_x = torch.mm(g2, torch.addmm(w, up, down, alpha=scale))
+                    grad_x = torch.mm(g2, _plus_product(w, up, down, alpha=scale))
                 elif tokens * width * (in_f + out_f) < (tokens + width) * in_f * out_f:
                     adapter_gx = torch.mm(torch.mm(g2, up).mul_(scale * s), down)
                 else:
@@ -244,38 +252,47 @@ class _AdaptedLinear(torch.autograd.Function):
 
 
 class _VeraThin(torch.autograd.Function):
-    """VeRA in factored form: y = x W^T + b + lambda_b * ((x_drop A^T) * lambda_d) B^T, A and B frozen.
+    """VeRA through (tokens x r) products: y = x W^T + b + lambda_b * ((x_drop A^T) * lambda_d) B^T, A, B frozen.
 
-    Only the two scaling vectors train, so no factor-sized gradient is formed. Kept for backward: the
-    (tokens x r) projection h1 = x_drop A^T (or x, when r is wider than the input), and the (tokens x out)
-    product h3 only when keep_h3 (the caller's memory plan); without it lambda_b's gradient is formed from h1.
-    h1 is formed from the masked input without dropout's 1 / (1 - p), which is folded into the vectors' uses.
+    Only the two scaling vectors train, so no factor-sized gradient is formed: both come from one (out x r)
+    product M = g^T h1 of the output's gradient and the projection h1 = x_drop A^T. Kept for backward: h1 (or x,
+    when r is wider than the input, and h1 is rebuilt), and the (tokens x out) product h3 only when keep_h3 (the
+    caller's memory plan; lambda_b's gradient is then g * h3 summed, without M).
+    merged=True (fp32 without dropout): y and grad_x go through W + delta_W, delta_W = (lambda_b * B)(lambda_d * A)
+    formed in forward and again in backward (never kept), instead of through (tokens x r) products; h1 is then
+    formed only to be kept. h1 is formed from the masked input without dropout's 1 / (1 - p), which is folded into
+    the vectors' uses.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, lambda_d, lambda_b, mask, p, keep_h3):
+    def forward(ctx, x, weight, bias, A, B, lambda_d, lambda_b, mask, p, keep_h3, merged):
         need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
         dt = x.dtype
         out_f, in_f = weight.shape
         x2 = x.reshape(-1, in_f)
         mask2 = None if mask is None else mask.reshape(-1, in_f)
         s = 1.0 / (1.0 - p)  # x_drop = s * xm2; s and lambda_d are folded into B (out x r), not applied per token
-        h1 = torch.mm(_masked(x2, mask2), _cast(A, dt).t())  # x_drop A^T / s
-        y = F.linear(x2, _cast(weight, dt), bias)
-        keep_h3 = keep_h3 and need_b
-        h3 = None
-        if keep_h3:
-            h3 = torch.mm(h1, _cast(B * (lambda_d * s), dt).t())  # ((x_drop A^T) * lambda_d) B^T
-            y.addcmul_(h3, _cast(lambda_b, dt))
-        else:
-            y.addmm_(h1, _cast(lambda_b[:, None] * B * (lambda_d * s), dt).t())
-        keep_h1 = need_d or need_b or need_x
+        keep_h1 = need_d or need_b
         keep_x = keep_h1 and A.shape[0] > in_f  # rebuilding h1 from x keeps less than h1 itself
+        keep_h3 = keep_h3 and need_b and not merged
+        bs = None if keep_h3 else _cast(lambda_b[:, None] * B * (lambda_d * s), dt)  # (out x r)
+        h1 = h3 = None
+        if merged:
+            y = F.linear(x2, _plus_product(_cast(weight, dt), bs, _cast(A, dt)), bias)
+            if keep_h1 and not keep_x:
+                h1 = torch.mm(x2, _cast(A, dt).t())
+        else:
+            h1 = torch.mm(_masked(x2, mask2), _cast(A, dt).t())  # x_drop A^T / s
+            y = F.linear(x2, _cast(weight, dt), bias)
+            if keep_h3:
+                h3 = torch.mm(h1, _cast(B * (lambda_d * s), dt).t())  # ((x_drop A^T) * lambda_d) B^T
+                y.addcmul_(h3, _cast(lambda_b, dt))
+            else:
+                y.addmm_(h1, bs.t())
         keep_mask = mask is not None and (keep_x or need_x)
         ctx.save_for_backward(x if keep_x else None, weight, A, B, lambda_d, lambda_b,
-                              mask if keep_mask else None, h1 if (keep_h1 and not keep_x) else None,
-                              h3 if keep_h3 else None)
-        ctx.s = s
+                              mask if keep_mask else None, h1 if (keep_h1 and not keep_x) else None, h3)
+        ctx.s, ctx.merged = s, merged
         ctx.bias_grad = bias is not None and bias.requires_grad
         return y.view(*x.shape[:-1], out_f)
 
@@ -285,31 +302,42 @@ class _VeraThin(torch.autograd.Function):
         need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
         g2, mask2, _, in_f = _backward_start(ctx, grad_out, weight, mask)
         s, dt = ctx.s, grad_out.dtype  # h1 is x_drop A^T / s, as kept
+        A, B = _cast(A, dt), _cast(B, dt)
         if h1 is None and x is not None:
-            h1 = torch.mm(_masked(x.reshape(-1, in_f), mask2), _cast(A, dt).t())
+            h1 = torch.mm(_masked(x.reshape(-1, in_f), mask2), A.t())
         grad_x = grad_d = grad_b = grad_bias = None
-        if need_b:
-            if h3 is not None:
-                grad_b = (g2 * h3).sum(0)
-            else:  # sum_t g[t, o] h3[t, o] with h3 = s (h1 * lambda_d) B^T, without forming h3
-                grad_b = torch.mv(torch.mm(g2.t(), h1).mul_(_cast(B, dt)), _cast(lambda_d * s, dt))
-        if need_d or need_x:
-            u = torch.mm(g2, _cast(lambda_b[:, None] * B, dt))  # (tokens x r): the gradient at lambda_d * h1
+        # u = g (lambda_b * B), the gradient at lambda_d * h1 (tokens x r): for the factored grad_x, and for
+        # lambda_d's gradient when h3 was kept
+        u = None
+        if (need_x and not ctx.merged) or (need_d and h3 is not None):
+            u = torch.mm(g2, _cast(lambda_b[:, None], dt) * B)
+        if h3 is not None:
+            grad_b = (g2 * h3).sum(0) if need_b else None
+        elif need_b or (need_d and u is None):  # both from (g^T h1) * B, without forming h3
+            mb = torch.mm(g2.t(), h1).mul_(B)
+            grad_b = torch.mv(mb, _cast(lambda_d * s, dt)) if need_b else None
             if need_d:
-                grad_d = (u * h1).sum(0).mul_(s)
-            if need_x:  # the adapter's share, masked in place, then the frozen weight's accumulated into it
-                grad_x = torch.mm(u, _cast(A * (lambda_d * s)[:, None], dt))
+                grad_d = torch.mv(mb.t(), _cast(lambda_b, dt)).mul_(s)
+        if need_d and grad_d is None:
+            grad_d = (u * h1).sum(0).mul_(s)
+        if need_x:
+            if ctx.merged:
+                bs = _cast(lambda_b[:, None] * B * lambda_d, dt)
+                grad_x = torch.mm(g2, _plus_product(_cast(weight, dt), bs, A))
+            else:  # the adapter's share, masked in place, then the frozen weight's accumulated into it
+                grad_x = torch.mm(u, A * _cast(lambda_d * s, dt)[:, None])
                 grad_x = (grad_x if mask2 is None else grad_x.mul_(mask2)).addmm_(g2, _cast(weight, dt))
-                grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
+            grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
             grad_bias = g2.sum(0)
-        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None, None
+        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None, None, None
 
 
 class _VeraDense(torch.autograd.Function):
     """VeRA through delta_W = (lambda_b * B) @ (lambda_d * A), for many tokens: the dense path of _AdaptedLinear,
     with the scaled factors rebuilt in backward from the frozen bases and the two vectors instead of kept (at
-    r = 1024 on a GPT-2 layer they outweigh every per-token tensor)."""
+    r = 1024 on a GPT-2 layer they outweigh every per-token tensor). Both vectors' gradients come from one
+    (out x r) product, (g^T x_drop) A^T, not one projection each."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, lambda_d, lambda_b, mask, p):
@@ -318,12 +346,12 @@ class _VeraDense(torch.autograd.Function):
         out_f, in_f = weight.shape
         x2 = x.reshape(-1, in_f)
         mask2 = None if mask is None else mask.reshape(-1, in_f)
-        delta = torch.mm(_cast(lambda_b[:, None] * B, dt), _cast(lambda_d[:, None] * A, dt))
+        up, down = _cast(lambda_b[:, None] * B, dt), _cast(lambda_d[:, None] * A, dt)
         half, s = dt not in (torch.float32, torch.float64), 1.0 / (1.0 - p)  # x_drop = s * masked x
         if mask is None and not half:
-            y = F.linear(x2, _cast(weight, dt) + delta, bias)
+            y = F.linear(x2, _plus_product(_cast(weight, dt), up, down), bias)
         else:
-            y = F.linear(x2, _cast(weight, dt), bias).addmm_(_masked(x2, mask2), delta.t(), alpha=s)
+            y = F.linear(x2, _cast(weight, dt), bias).addmm_(_masked(x2, mask2), torch.mm(up, down).t(), alpha=s)
         keep_x = need_d or need_b
         ctx.save_for_backward(x if keep_x else None, weight, A, B, lambda_d, lambda_b,
                               mask if mask is not None and (keep_x or need_x) else None)
@@ -339,18 +367,18 @@ class _VeraDense(torch.autograd.Function):
         s, dt = ctx.s, grad_out.dtype  # x_drop = s * masked x
         A, B, ld, lb = _cast(A, dt), _cast(B, dt), _cast(lambda_d, dt), _cast(lambda_b, dt)
         grad_x = grad_d = grad_b = grad_bias = None
-        if need_d or need_b:
-            gw = torch.mm(g2.t(), _masked(x.reshape(-1, in_f), mask2)).mul_(s)  # (out x in), never per token
-            if need_b:  # d/d lambda_b[o] of sum(gw * diag(lambda_b) B diag(lambda_d) A)
-                grad_b = (gw * torch.mm(B * ld, A)).sum(1)
-            if need_d:
-                grad_d = (torch.mm((B * lb[:, None]).t(), gw) * A).sum(1)
+        if need_d or need_b:  # both from C = gw A^T, gw = g^T x_drop (out x in), never per token:
+            # grad_b[o] = sum_j B[o, j] lambda_d[j] C[o, j], grad_d[j] = sum_o lambda_b[o] B[o, j] C[o, j]
+            gw = torch.mm(g2.t(), _masked(x.reshape(-1, in_f), mask2)).mul_(s)
+            cb = torch.mm(gw, A.t()).mul_(B)
+            grad_b = torch.mv(cb, ld) if need_b else None
+            grad_d = torch.mv(cb.t(), lb) if need_d else None
         if need_x:
-            delta = torch.mm(B * lb[:, None], A * ld[:, None])
+            up, down = B * lb[:, None], A * ld[:, None]
             if mask is None and not ctx.half:
-                grad_x = torch.mm(g2, _cast(weight, dt) + delta)
+                grad_x = torch.mm(g2, _plus_product(_cast(weight, dt), up, down))
             else:
-                grad_x = torch.mm(g2, delta.mul_(s))
+                grad_x = torch.mm(g2, torch.mm(up, down).mul_(s))
                 grad_x = (grad_x if mask2 is None else grad_x.mul_(mask2)).addmm_(g2, _cast(weight, dt))
             grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
@@ -379,7 +407,7 @@ class _ScaledBases(torch.autograd.Function):
 
 
 class _Plan(NamedTuple):
-    path: str  # "dense" | "factored" | "thin" (VeRA's factored form)
+    path: str  # "dense" | "factored" | VeRA's "thin" (factored) and "merged_thin" (merged weight, thin gradients)
     keep: bool  # factored: keep h; thin: keep h3
     cost: int  # multiply-adds beyond the frozen matmul
     kept: int  # bytes kept for backward per call, beyond the frozen tensors
@@ -392,25 +420,35 @@ def _candidates(tokens, in_f, out_f, width, grads, half, drop, diagonal):
     e = 2 if half else 4
     x_b = T * n_in * e
     mask_b = T * n_in if drop else 0
-    dense_fwd = R * n_in * n_out + (T * n_in * n_out if (half or drop) else 0)
+    delta = R * n_in * n_out  # forming delta_W
+    dense_fwd = delta + (T * n_in * n_out if (half or drop) else 0)
     if not (need_x or need_down or need_up):  # no backward: only the forward counts, nothing is kept
         factored = _Plan("thin" if diagonal else "factored", False, T * R * (n_in + n_out), 0)
         return [_Plan("dense", False, dense_fwd, 0), factored]
     out = []
     if need_down or need_up:
         if mask_b or half:
-            gx = min(T * n_in * n_out + R * n_in * n_out, T * R * (n_in + n_out)) if need_x else 0
+            gx = min(T * n_in * n_out + delta, T * R * (n_in + n_out)) if need_x else 0
         else:
-            gx = R * n_in * n_out if need_x else 0
-        bwd = T * n_in * n_out + R * n_in * n_out * (need_up + need_down) + gx
-        out.append(_Plan("dense", False, dense_fwd + bwd, x_b + mask_b))
+            gx = delta if need_x else 0
+        # the (out x in) gradient, projected onto the factors (VeRA's two vectors: one projection serves both)
+        projections = 1 if diagonal else need_up + need_down
+        out.append(_Plan("dense", False, dense_fwd + T * n_in * n_out + delta * projections + gx, x_b + mask_b))
     fwd = T * R * (n_in + n_out)
-    if diagonal:  # VeRA: h1 (tokens x r) or x; h3 (tokens x out) optional
-        h1_b = x_b + mask_b if R > n_in else T * R * e + (mask_b if need_x else 0)
-        bwd = T * n_out * R * (need_x or need_down) + T * R * n_in * need_x + (T * R * n_in if R > n_in else 0)
-        out.append(_Plan("thin", False, fwd + bwd + T * n_out * R * need_up, h1_b))
+    if diagonal:  # VeRA: h1 (tokens x r), or x when r is wider than the input; h3 (tokens x out) optional
+        lam = need_down or need_up
+        rebuild = T * R * n_in if (lam and R > n_in) else 0
+        h1_b = (x_b + mask_b if R > n_in else T * R * e + (mask_b if need_x else 0)) if lam else 0
+        u = T * n_out * R  # g (lambda_b * B), or M = g^T h1: one (tokens x out x r) contraction
+        gx = (u + T * R * n_in) * need_x
+        m = u if (need_up or (need_down and not need_x)) else 0
+        out.append(_Plan("thin", False, fwd + rebuild + m + gx, h1_b + (mask_b if need_x and not lam else 0)))
         if need_up:
-            out.append(_Plan("thin", True, fwd + bwd, h1_b + T * n_out * e))
+            out.append(_Plan("thin", True, fwd + rebuild + u * (need_x or need_down) + T * R * n_in * need_x,
+                             h1_b + T * n_out * e))
+        if not (drop or half):  # y and grad_x through W + delta_W, the vectors' gradients through M
+            keep_h1 = T * R * n_in if (lam and R <= n_in) else 0
+            out.append(_Plan("merged_thin", False, delta + keep_h1 + rebuild + u * lam + delta * need_x, h1_b))
         return out
     bwd = T * n_out * R * ((need_down or need_x) + need_up) + T * R * n_in * (need_down + need_x)
     masked = mask_b if (need_down or need_x) else 0
@@ -443,8 +481,8 @@ def _merged_path_is_cheaper(tokens, in_f, out_f, width, needs_grad, half, diagon
     """
     grads = (needs_grad, needs_grad, needs_grad)
     cands = _candidates(tokens, in_f, out_f, width, grads, half, False, diagonal)
-    dense = min(c.cost for c in cands if c.path == "dense")
-    return dense < min(c.cost for c in cands if c.path != "dense")
+    merged = min(c.cost for c in cands if c.path in ("dense", "merged_thin"))
+    return merged < min(c.cost for c in cands if c.path not in ("dense", "merged_thin"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -747,7 +785,8 @@ class VeraLayer(AdapterLayer):
         B = self._bases.vera_B[: self.out_features]
         if plan.path == "dense":
             return _VeraDense.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p)
-        return _VeraThin.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p, plan.keep)
+        return _VeraThin.apply(x, weight, bias, A, B, self.vera_lambda_d, self.vera_lambda_b, mask, p, plan.keep,
+                               plan.path == "merged_thin")
 
     @staticmethod
     def default_alpha(rank):

@@ -293,6 +293,13 @@ def test_both_paths_are_exercised():
     assert pl._merged_path_is_cheaper(4096, 384, 384, 256, True, False)  # VeRA r=256 on a full batch
     assert not pl._merged_path_is_cheaper(4096, 384, 384, 8, True, False)  # LoRA r=8
     assert not pl._merged_path_is_cheaper(2, 384, 384, 384, True, False)  # one short sequence
+    # VeRA on GPT-2-small's c_attn (1024 tokens): without dropout in fp32, y and grad_x go through the merged weight
+    # and the vectors' gradients through the thin (tokens x r) products; with dropout, the thin form throughout
+    grads = (True, True, True)
+    assert pl._plan(1024, 768, 2304, 256, grads, False, False, diagonal=True).path == "merged_thin"
+    assert pl._plan(1024, 768, 2304, 1024, grads, False, False, diagonal=True).path == "merged_thin"
+    assert pl._plan(1024, 768, 2304, 256, grads, False, True, diagonal=True).path == "thin"
+    assert pl._plan(1024, 768, 2304, 256, grads, True, False, diagonal=True).path == "thin"  # bf16: no merged weight
 
 
 @pytest.mark.parametrize("method,rank,alpha", SETTINGS)
@@ -341,8 +348,9 @@ PATH_CASES = [(m, r, shape, p, x_grad) for m, r in (("lora", 3), ("vera", 5), ("
 
 @pytest.mark.parametrize("method,rank,shape,p,x_grad", PATH_CASES)
 def test_every_path_matches_plain_autograd_with_dropout(monkeypatch, method, rank, shape, p, x_grad):
-    """Each candidate path (dense, factored keeping or rebuilding h, VeRA's thin form keeping or rebuilding h3)
-    gives the outputs and gradients of the plain formula, dropout mask included."""
+    """Each candidate path (dense, factored keeping or rebuilding h, VeRA's thin form keeping or rebuilding h3, and
+    its merged-weight form without dropout) gives the outputs and gradients of the plain formula, dropout mask
+    included."""
     in_f, out_f = shape
     bases = pl.SharedBases(method, rank, [(out_f, in_f)], seed=0).double() if method != "lora" else None
     layer = pl.AdapterLayer(torch.nn.Linear(in_f, out_f), method, rank, 2.0, p, bases).double().train()
@@ -353,6 +361,8 @@ def test_every_path_matches_plain_autograd_with_dropout(monkeypatch, method, ran
     grads = (x_grad,) + layer._factor_grads()
     candidates = pl._candidates(7, in_f, out_f, layer.width, grads, False, p > 0, method == "vera")
     assert len(candidates) >= 2
+    if method == "vera":
+        assert ("merged_thin" in {c.path for c in candidates}) == (p == 0)
     for plan in candidates:
         x = torch.randn(7, in_f, dtype=torch.double, requires_grad=x_grad)
         monkeypatch.setattr(pl, "_plan", lambda *a, plan=plan, **k: plan)
@@ -368,6 +378,34 @@ def test_every_path_matches_plain_autograd_with_dropout(monkeypatch, method, ran
         torch.testing.assert_close(y, ref_y)
         for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref_y, inputs, g), strict=True):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("frozen", ["vera_lambda_d", "vera_lambda_b"])
+@pytest.mark.parametrize("rank,shape,p", [(r, s, p) for r in (5, 16) for s in ((12, 20), (20, 12)) for p in (0.0, 0.3)])
+def test_vera_with_one_vector_frozen_every_path_matches_plain_autograd(monkeypatch, frozen, rank, shape, p):
+    """VeRA's paths share one (out x r) product between the two vectors' gradients; with one vector frozen, each
+    path still gives the plain formula's gradients for x and the other vector."""
+    in_f, out_f = shape
+    bases = pl.SharedBases("vera", rank, [(out_f, in_f)], seed=0).double()
+    layer = pl.AdapterLayer(torch.nn.Linear(in_f, out_f), "vera", rank, None, p, bases).double().train()
+    with torch.no_grad():
+        for n in layer.adapter_names():
+            getattr(layer, n).normal_()
+    getattr(layer, frozen).requires_grad_(False)
+    trained = [getattr(layer, n) for n in layer.adapter_names() if n != frozen]
+    for plan in pl._candidates(7, in_f, out_f, rank, (True,) + layer._factor_grads(), False, p > 0, True):
+        x = torch.randn(7, in_f, dtype=torch.double, requires_grad=True)
+        monkeypatch.setattr(pl, "_plan", lambda *a, plan=plan, **k: plan)
+        torch.manual_seed(5)
+        y = layer(x)
+        torch.manual_seed(5)
+        x_drop = x if p == 0 else x * pl._dropout_mask(x, p) / (1 - p)
+        down, up = layer.factors()
+        ref_y = x @ layer.weight.t() + layer.bias + x_drop @ (up @ down).t()
+        g = torch.randn_like(y)
+        for a, b in zip(torch.autograd.grad(y, [x] + trained, g), torch.autograd.grad(ref_y, [x] + trained, g),
+                        strict=True):
+            torch.testing.assert_close(a, b, msg=lambda m, plan=plan: f"{plan}: {m}")
 
 
 @pytest.mark.parametrize("p,x_grad", [(0.0, True), (0.3, True), (0.3, False)])
