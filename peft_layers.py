@@ -272,9 +272,10 @@ class _VeraThin(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)
         mask2 = None if mask is None else mask.reshape(-1, in_f)
         s = 1.0 / (1.0 - p)  # x_drop = s * xm2; s and lambda_d are folded into B (out x r), not applied per token
-        keep_h1 = need_d or need_b
-        keep_x = keep_h1 and A.shape[0] > in_f  # rebuilding h1 from x keeps less than h1 itself
+        merged = merged and mask is None  # the merged weight cannot carry a dropped input
         keep_h3 = keep_h3 and need_b and not merged
+        keep_h1 = need_d or (need_b and not keep_h3)  # with h3 kept, only lambda_d's gradient reads h1
+        keep_x = keep_h1 and A.shape[0] > in_f  # rebuilding h1 from x keeps less than h1 itself
         bs = None if keep_h3 else _cast(lambda_b[:, None] * B * (lambda_d * s), dt)  # (out x r)
         h1 = h3 = None
         if merged:
@@ -307,7 +308,7 @@ class _VeraThin(torch.autograd.Function):
             h1 = torch.mm(_masked(x.reshape(-1, in_f), mask2), A.t())
         grad_x = grad_d = grad_b = grad_bias = None
         # u = g (lambda_b * B), the gradient at lambda_d * h1 (tokens x r): for the factored grad_x, and for
-        # lambda_d's gradient when h3 was kept
+        # lambda_d's gradient where M is not formed (h3 kept, or lambda_b frozen)
         u = None
         if (need_x and not ctx.merged) or (need_d and h3 is not None):
             u = torch.mm(g2, _cast(lambda_b[:, None], dt) * B)
@@ -427,8 +428,9 @@ def _candidates(tokens, in_f, out_f, width, grads, half, drop, diagonal):
         return [_Plan("dense", False, dense_fwd, 0), factored]
     out = []
     if need_down or need_up:
-        if mask_b or half:
-            gx = min(T * n_in * n_out + delta, T * R * (n_in + n_out)) if need_x else 0
+        if mask_b or half:  # x_drop delta_W^T apart from W (VeRA's dense path has no factored grad_x)
+            gx = T * n_in * n_out + delta if diagonal else min(T * n_in * n_out + delta, T * R * (n_in + n_out))
+            gx = gx if need_x else 0
         else:
             gx = delta if need_x else 0
         # the (out x in) gradient, projected onto the factors (VeRA's two vectors: one projection serves both)
@@ -443,9 +445,11 @@ def _candidates(tokens, in_f, out_f, width, grads, half, drop, diagonal):
         gx = (u + T * R * n_in) * need_x
         m = u if (need_up or (need_down and not need_x)) else 0
         out.append(_Plan("thin", False, fwd + rebuild + m + gx, h1_b + (mask_b if need_x and not lam else 0)))
-        if need_up:
-            out.append(_Plan("thin", True, fwd + rebuild + u * (need_x or need_down) + T * R * n_in * need_x,
-                             h1_b + T * n_out * e))
+        if need_up:  # h3 gives lambda_b's gradient; h1 (or x) is then kept only for lambda_d's
+            h1_d = h1_b if need_down else (mask_b if need_x else 0)
+            rebuild_d = rebuild if need_down else 0
+            out.append(_Plan("thin", True, fwd + rebuild_d + u * (need_x or need_down) + T * R * n_in * need_x,
+                             h1_d + T * n_out * e))
         if not (drop or half):  # y and grad_x through W + delta_W, the vectors' gradients through M
             keep_h1 = T * R * n_in if (lam and R <= n_in) else 0
             out.append(_Plan("merged_thin", False, delta + keep_h1 + rebuild + u * lam + delta * need_x, h1_b))
@@ -475,7 +479,8 @@ def _plan(tokens, in_f, out_f, width, grads, half, drop, diagonal=False):
 
 
 def _merged_path_is_cheaper(tokens, in_f, out_f, width, needs_grad, half, diagonal=False):
-    """Whether the dense (merged-weight) path costs fewer multiply-adds than the factored one for this call.
+    """Whether a merged-weight path (dense, or VeRA's merged thin) costs fewer multiply-adds than the factored one
+    for this call.
 
     width: R, the inner width of up @ down (not the rank). diagonal: only scaling vectors train (VeRA).
     """

@@ -290,7 +290,7 @@ def test_gradients_match_plain_autograd(method, rank, alpha, tokens):
 
 
 def test_both_paths_are_exercised():
-    assert pl._merged_path_is_cheaper(4096, 384, 384, 256, True, False)  # VeRA r=256 on a full batch
+    assert pl._merged_path_is_cheaper(4096, 384, 384, 256, True, False, diagonal=True)  # VeRA r=256, a full batch
     assert not pl._merged_path_is_cheaper(4096, 384, 384, 8, True, False)  # LoRA r=8
     assert not pl._merged_path_is_cheaper(2, 384, 384, 384, True, False)  # one short sequence
     # VeRA on GPT-2-small's c_attn (1024 tokens): without dropout in fp32, y and grad_x go through the merged weight
