@@ -156,6 +156,12 @@ def _backward_start(ctx, grad_out, weight, mask):
     return grad_out.reshape(-1, out_f), None if mask is None else mask.reshape(-1, in_f), out_f, in_f
 
 
+def _grad_x(adapter_gx, mask2, g2, w):
+    """grad_x from the adapter's share (before dropout's mask) and the frozen weight's: the share is masked in
+    place and g W is accumulated into it, with no second (tokens x in) temporary."""
+    return (adapter_gx if mask2 is None else adapter_gx.mul_(mask2)).addmm_(g2, w)
+
+
 class _AdaptedLinear(torch.autograd.Function):
     """y = x W^T + b + scale * x_drop (up @ down)^T, with W frozen; x_drop = x when there is no dropout mask.
 
@@ -240,8 +246,8 @@ class _AdaptedLinear(torch.autograd.Function):
                     grad_x = torch.mm(g2, w).addmm_(gh, down)
                 else:
                     adapter_gx = torch.mm(gh, down)
-        if adapter_gx is not None:  # masked in place, then the frozen weight's share accumulated into it
-            grad_x = (adapter_gx if mask2 is None else adapter_gx.mul_(mask2)).addmm_(g2, w)
+        if adapter_gx is not None:
+            grad_x = _grad_x(adapter_gx, mask2, g2, w)
         if grad_x is not None:
             grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
@@ -277,13 +283,13 @@ class _VeraThin(torch.autograd.Function):
         keep_h1 = need_d or (need_b and not keep_h3)  # with h3 kept, only lambda_d's gradient reads h1
         keep_x = keep_h1 and A.shape[0] > in_f  # rebuilding h1 from x keeps less than h1 itself
         bs = None if keep_h3 else _cast(lambda_b[:, None] * B * (lambda_d * s), dt)  # (out x r)
-        h1 = h3 = None
+        a = _cast(A, dt)
+        h3 = None
+        # h1 = x_drop A^T / s: the thin form's forward uses it; the merged one forms it only to keep it
+        h1 = torch.mm(_masked(x2, mask2), a.t()) if not merged or (keep_h1 and not keep_x) else None
         if merged:
-            y = F.linear(x2, _plus_product(_cast(weight, dt), bs, _cast(A, dt)), bias)
-            if keep_h1 and not keep_x:
-                h1 = torch.mm(x2, _cast(A, dt).t())
+            y = F.linear(x2, _plus_product(_cast(weight, dt), bs, a), bias)
         else:
-            h1 = torch.mm(_masked(x2, mask2), _cast(A, dt).t())  # x_drop A^T / s
             y = F.linear(x2, _cast(weight, dt), bias)
             if keep_h3:
                 h3 = torch.mm(h1, _cast(B * (lambda_d * s), dt).t())  # ((x_drop A^T) * lambda_d) B^T
@@ -325,9 +331,8 @@ class _VeraThin(torch.autograd.Function):
             if ctx.merged:
                 bs = _cast(lambda_b[:, None] * B * lambda_d, dt)
                 grad_x = torch.mm(g2, _plus_product(_cast(weight, dt), bs, A))
-            else:  # the adapter's share, masked in place, then the frozen weight's accumulated into it
-                grad_x = torch.mm(u, A * _cast(lambda_d * s, dt)[:, None])
-                grad_x = (grad_x if mask2 is None else grad_x.mul_(mask2)).addmm_(g2, _cast(weight, dt))
+            else:
+                grad_x = _grad_x(torch.mm(u, A * _cast(lambda_d * s, dt)[:, None]), mask2, g2, _cast(weight, dt))
             grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
             grad_bias = g2.sum(0)
@@ -379,8 +384,7 @@ class _VeraDense(torch.autograd.Function):
             if mask is None and not ctx.half:
                 grad_x = torch.mm(g2, _plus_product(_cast(weight, dt), up, down))
             else:
-                grad_x = torch.mm(g2, torch.mm(up, down).mul_(s))
-                grad_x = (grad_x if mask2 is None else grad_x.mul_(mask2)).addmm_(g2, _cast(weight, dt))
+                grad_x = _grad_x(torch.mm(g2, torch.mm(up, down).mul_(s)), mask2, g2, _cast(weight, dt))
             grad_x = grad_x.view(grad_out.shape[:-1] + (in_f,))
         if ctx.bias_grad:
             grad_bias = g2.sum(0)
@@ -428,11 +432,12 @@ def _candidates(tokens, in_f, out_f, width, grads, half, drop, diagonal):
         return [_Plan("dense", False, dense_fwd, 0), factored]
     out = []
     if need_down or need_up:
-        if mask_b or half:  # x_drop delta_W^T apart from W (VeRA's dense path has no factored grad_x)
+        if not need_x:
+            gx = 0
+        elif mask_b or half:  # x_drop delta_W^T apart from W (VeRA's dense path has no factored grad_x)
             gx = T * n_in * n_out + delta if diagonal else min(T * n_in * n_out + delta, T * R * (n_in + n_out))
-            gx = gx if need_x else 0
         else:
-            gx = delta if need_x else 0
+            gx = delta
         # the (out x in) gradient, projected onto the factors (VeRA's two vectors: one projection serves both)
         projections = 1 if diagonal else need_up + need_down
         out.append(_Plan("dense", False, dense_fwd + T * n_in * n_out + delta * projections + gx, x_b + mask_b))
