@@ -104,8 +104,19 @@ _FROZEN_WEIGHT = "peft_layers: the base weight of an adapted layer is frozen; do
 
 def _dropout_mask(x, p):
     """Which elements dropout keeps, as bools: each with probability 1 - p (uniform draws compared with p, a third
-    faster on CPU than bernoulli_ and than the RNG of nn.Dropout)."""
+    faster on CPU than bernoulli_ and than the RNG of nn.Dropout). Under torch.compile on CPU the draw is one
+    opaque op: inductor's own generated RNG is several times slower there than ATen's."""
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        _draw_dropout_mask(mask, p)
+        return mask
     return torch.rand(x.shape, device=x.device) >= p
+
+
+# Mutates a fresh mask instead of returning one, so the compiler never merges two layers' draws on the same input.
+@torch.library.custom_op("peft_layers::draw_dropout_mask", mutates_args=("mask",), device_types="cpu")
+def _draw_dropout_mask(mask: torch.Tensor, p: float) -> None:
+    torch.ge(torch.rand(mask.shape, device=mask.device), p, out=mask)
 
 
 def _masked(x2, mask2):

@@ -1,7 +1,8 @@
 """Every benchmark shape of bench_adapters.py in one command, and the README's table from its results.
 
 Runs bench_adapters.py for each shape (MiniLM, GPT-2-small, GPT-2-medium) in fp32 without dropout, fp32 with
-dropout 0.1 and bf16 autocast with dropout 0.1, plus the compiled MiniLM, each cell in its own process writing
+dropout 0.1 and bf16 autocast with dropout 0.1, plus each shape compiled (fp32, dropout 0.1; timed beside the same
+models eager, so compiled / eager is measured side by side too), each cell in its own process writing
 bench/results/adapters_<cell>.json; then prints one markdown table of ours / PEFT (saved for backward, peak RSS,
 speed) from whatever JSON files exist. Cells whose JSON exists are skipped (delete it to measure again).
 
@@ -25,7 +26,7 @@ SETTINGS = [("fp32", 0.0), ("fp32", 0.1), ("bf16", 0.1)]
 METHODS = [("lora", "LoRA"), ("vera", "VeRA r256"), ("vera1024", "VeRA r1024"), ("randlora", "RandLoRA")]
 PAIRS = "ours-lora,peft-lora,ours-vera,peft-vera,ours-randlora,peft-randlora"
 GPT2_PAIRS = PAIRS + ",ours-vera1024,peft-vera1024"
-RSS_CONFIGS = {"minilm": PAIRS, "gpt2-small": GPT2_PAIRS, "gpt2-medium": GPT2_PAIRS}
+SHAPE_PAIRS = {"minilm": PAIRS, "gpt2-small": GPT2_PAIRS, "gpt2-medium": GPT2_PAIRS}
 SHAPE_NAMES = {"minilm": "MiniLM", "gpt2-small": "GPT-2-small", "gpt2-medium": "GPT-2-medium"}
 
 
@@ -38,9 +39,10 @@ def cells(args):
             if args.device == "cuda" and precision == "bf16":  # the sizes users train at on a GPU
                 flags += ["--batch_size", "64"] if shape == "minilm" else ["--seq_len", "512"]
             out.append((name, flags))
-    out.append((f"{args.device}_minilm_compiled_fp32_0.1", ["--shape", "minilm", "--adapter_dropout", "0.1",
-                                                           "--compile", "--skip_saved", "--skip_rss",
-                                                           "--warmup", "3"]))  # compiling runs past one step
+    for shape in SHAPES:  # compiled, with the same models eager in the same rounds; compiling runs past one step
+        out.append((f"{args.device}_{shape}_compiled_fp32_0.1", ["--shape", shape, "--adapter_dropout", "0.1",
+                                                                "--compile", "--with_eager", "--skip_saved",
+                                                                "--skip_rss", "--warmup", "3"]))
     return out
 
 
@@ -48,14 +50,14 @@ def run_cell(name, flags, args):
     if args.rss_only:  # a later pass for the peak-RSS column alone (memory needs no idle machine)
         if "--compile" in flags:
             return f"{name}: no RSS pass for compiled cells"
-        name, flags = f"rss_{name}", [*flags, "--skip_saved", "--skip_speed", "--configs", RSS_CONFIGS[flags[1]]]
+        name, flags = f"rss_{name}", [*flags, "--skip_saved", "--skip_speed", "--configs", SHAPE_PAIRS[flags[1]]]
     path = os.path.join(RESULTS, f"adapters_{name}.json")
     if os.path.exists(path):
         return f"{name}: kept (exists)"
     cmd = [sys.executable, os.path.join(HERE, "bench_adapters.py"), *flags, "--device", args.device,
            "--json_out", path, "--skip_inference", "--rounds", str(args.rounds)]
     cmd += ["--clock", "cpu", "--threads", "1"] if args.device == "cpu" else []
-    cmd += ["--configs", PAIRS] if "--compile" in flags else []
+    cmd += ["--configs", SHAPE_PAIRS[flags[1]]] if "--compile" in flags else []
     log = os.path.join(RESULTS, f"adapters_{name}.log")
     with open(log, "w") as f:
         status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -93,6 +95,20 @@ def table(device, compact=False):
     return "\n".join(rows)
 
 
+def compiled_vs_eager(device):
+    """One line per compiled cell: each configuration's compiled / eager speed, measured in the same rounds."""
+    lines = []
+    for shape in SHAPES:
+        path = os.path.join(RESULTS, f"adapters_{device}_{shape}_compiled_fp32_0.1.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                gain = json.load(f).get("compiled_over_eager")
+            if gain:
+                lines.append(f"{SHAPE_NAMES[shape]} compiled / eager (fp32, 0.1): "
+                             + ", ".join(f"{n} {r:.3f}" for n, r in gain.items()))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -111,6 +127,7 @@ def main(argv=None):
                 print(line, flush=True)
     print(f"ours / PEFT 0.21.2 ({args.device}; below 1 = ours keeps less; speed above 1 = ours is faster)")
     print(table(args.device, args.compact))
+    print(compiled_vs_eager(args.device))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ Three measures, each configuration against its PEFT twin:
     python bench/bench_adapters.py                                   # MiniLM, batch 32 x 128
     python bench/bench_adapters.py --shape gpt2-small --adapter_dropout 0.1 --clock cpu --threads 1
     python bench/bench_adapters.py --shape gpt2-medium --bf16 --skip_rss
-    python bench/bench_adapters.py --compile --configs ours-lora,peft-lora   # torch.compile vs eager
+    python bench/bench_adapters.py --compile --configs ours-lora,peft-lora   # torch.compile
+    python bench/bench_adapters.py --compile --with_eager     # compiled and eager, timed in the same rounds
     python bench/bench_adapters.py --device cuda --bf16 --batch_size 64
 """
 import argparse
@@ -75,9 +76,13 @@ def load_model(args):
                                       n_positions=1024))
 
 
+EAGER = "@eager"  # suffix of a configuration's eager twin under --compile --with_eager
+
+
 def build(name, args):
     model = load_model(args).to(args.device)
-    impl, method, rank, alpha = configs(args)[name]
+    eager = name.endswith(EAGER)
+    impl, method, rank, alpha = configs(args)[name.removesuffix(EAGER)]
     gpt2 = args.shape != "minilm"
     if gpt2:
         targets = ["c_attn"] if method == "lora" else ALL_PROJECTIONS
@@ -96,7 +101,7 @@ def build(name, args):
         model = peft.get_peft_model(model, peft_layers.peft_config(method, rank, alpha, targets, args.adapter_dropout,
                                                                    modules_to_save=saved, **extra))
     model.train()
-    if args.compile:
+    if args.compile and not eager:
         model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -231,6 +236,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (compare with a run without)")
+    p.add_argument("--with_eager", action="store_true",
+                   help="with --compile: also time every configuration eager, interleaved in the same rounds")
     p.add_argument("--batch_size", type=int, default=None, help="default: 32 (MiniLM), 8 (GPT-2)")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
@@ -285,13 +292,13 @@ def saved_bytes(names, args):
 
 def report(names, args, speed, saved, memory):
     unit = "samples/s" if args.clock == "wall" else "samples/cpu-s"
-    print(f"\n{'config':<15} {unit:>13} {'saved MB':>9} {'peak GB':>8} {'vs floor':>9}   (peak: above the resting RSS)")
+    print(f"\n{'config':<20} {unit:>13} {'saved MB':>9} {'peak GB':>8} {'vs floor':>9}   (peak: above the resting RSS)")
     for n in names:
         vs_floor = f"{speed[n] / speed['floor']:.3f}x" if "floor" in speed and n in speed and n != "floor" else ""
         rate = f"{speed[n]:.2f}" if n in speed else ""
         kept = f"{saved[n] / 1e6:.1f}" if n in saved else ""
         mem = f"{memory[n]:.3f}" if n in memory else ""
-        print(f"{n:<15} {rate:>13} {kept:>9} {mem:>8} {vs_floor:>9}")
+        print(f"{n:<20} {rate:>13} {kept:>9} {mem:>8} {vs_floor:>9}")
     print(f"\n{'ours / PEFT':<15} {'speed':>8} {'saved':>8} {'peak':>8}")
     ratios = {}
     for n in names:
@@ -319,10 +326,14 @@ def main(argv=None):
           f"seq={args.seq_len} threads={args.threads} clock={args.clock} torch={torch.__version__}", flush=True)
     saved = {} if args.skip_saved else saved_bytes(names, args)
     memory = {} if args.skip_memory else peak_memory(names, args)
-    speed = {} if args.skip_speed else time_configs(names, args)
-    ratios = report(names, args, speed, saved, memory)
+    timed = names + [n + EAGER for n in names] if args.compile and args.with_eager else names
+    speed = {} if args.skip_speed else time_configs(timed, args)
+    ratios = report(timed, args, speed, saved, memory)
     result = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "samples_per_s": speed,
               "saved_bytes": saved, "peak_gb": memory, "ours_over_peft": ratios}
+    if speed and timed != names:
+        gain = result["compiled_over_eager"] = {n: speed[n] / speed[n + EAGER] for n in names}
+        print("\ncompiled / eager speed: " + ", ".join(f"{n} {r:.3f}" for n, r in gain.items()))
     if not (args.skip_inference or args.skip_speed or args.shape != "minilm"):
         inf = time_inference(args)
         print(f"\nmerged inference: plain {inf['plain']:.1f} samples/s, merged LoRA {inf['merged-lora']:.1f} "

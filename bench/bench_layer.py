@@ -10,6 +10,7 @@ attn.c_proj, mlp.c_fc and mlp.c_proj).
 
     python bench/bench_layer.py                                  # MiniLM, 4096 tokens = batch 32 x seq 128
     python bench/bench_layer.py --shape gpt2-small --dropout 0.1 --bf16   # 1024 tokens = batch 8 x seq 128
+    python bench/bench_layer.py --dropout 0.1 --compile           # both sides under torch.compile
 """
 import argparse
 import os
@@ -72,7 +73,7 @@ def build(impl, setting, args, width):
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.01)
-    return model.train()
+    return torch.compile(model.train()) if args.compile else model.train()
 
 
 def main(argv=None):
@@ -82,6 +83,7 @@ def main(argv=None):
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--reps", type=int, default=25)
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides (3 warm-up repetitions)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     width, settings = SHAPES[args.shape]
@@ -92,16 +94,17 @@ def main(argv=None):
     cases = {(impl, n): build(impl, s, args, width) for s, n in zip(settings, names, strict=True)
              for impl in ("ours", "peft")}
     times = {k: [] for k in cases}
-    for rep in range(args.reps + 1):
+    warmup = 3 if args.compile else 1  # compiling the forward and the backward takes the first calls
+    for rep in range(args.reps + warmup):
         for key, model in cases.items():
             t0 = time.process_time()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 y = model(x)
             y.float().backward()
-            if rep:  # the first repetition warms up
+            if rep >= warmup:
                 times[key].append(time.process_time() - t0)
-    print(f"shape={args.shape} tokens={tokens} dropout={args.dropout} bf16={args.bf16} reps={args.reps} "
-          f"(median CPU ms per forward+backward of the adapted layers, 1 thread)")
+    print(f"shape={args.shape} tokens={tokens} dropout={args.dropout} bf16={args.bf16} compile={args.compile} "
+          f"reps={args.reps} (median CPU ms per forward+backward of the adapted layers, 1 thread)")
     for n in names:
         ours, theirs = (statistics.median(times[(impl, n)]) for impl in ("ours", "peft"))
         print(f"{n:<12} ours {ours * 1e3:8.2f} ms   PEFT {theirs * 1e3:8.2f} ms   ours/PEFT speed {theirs / ours:.3f}")

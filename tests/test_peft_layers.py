@@ -525,6 +525,47 @@ def test_gpt2_adapters_add_no_graph_breaks(method, rank, alpha, targets):
     assert breaks(adapted) == breaks(gpt2())
 
 
+@pytest.mark.parametrize("method,rank,alpha", [("lora", 8, 16.0), ("vera", 16, None), ("randlora", 4, 64.0)])
+def test_compiled_step_draws_the_eager_steps_dropout_masks(method, rank, alpha):
+    """Under torch.compile on CPU the adapters' dropout masks come from the same generator as in eager mode, one
+    draw per layer (two layers reading the same input must not share a draw): with the same seed, a compiled
+    training step gives eager's outputs and gradients."""
+
+    class TwoOnOneInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 24), torch.nn.Linear(32, 24)
+
+        def forward(self, x):
+            return self.a(x) * self.b(x)
+
+    torch.manual_seed(0)
+    model = pl.apply_adapter(TwoOnOneInput(), method, rank, alpha, ["a", "b"], dropout=0.3).train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # a trained adapter, so that dropout changes the output
+        for p in trained:
+            p.normal_(0, 0.1)
+    x = torch.randn(3, 10, 32, requires_grad=True)
+
+    def step(run, seed):
+        torch.manual_seed(seed)
+        y = run(x)
+        y.pow(2).sum().backward()
+        grads = [p.grad for p in trained] + [x.grad]
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        return y.detach(), grads
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    eager_y, eager_grads = step(model, 1)
+    compiled_y, compiled_grads = step(compiled, 1)
+    torch.testing.assert_close(compiled_y, eager_y, rtol=1e-5, atol=1e-6)
+    for c, e in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(step(compiled, 2)[0], eager_y)  # another seed, other masks
+
+
 def test_dropout_mask_keeps_each_element_with_probability_1_minus_p():
     torch.manual_seed(0)
     for p in (0.1, 0.5):
