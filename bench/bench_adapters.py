@@ -256,6 +256,8 @@ def parse_args(argv=None):
     p.add_argument("--json_out", default=None, help="also write the results as JSON here")
     p.add_argument("--_memory_of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.with_eager and not args.compile:
+        sys.exit("error: --with_eager times each model eager beside its compiled twin; add --compile")
     if args.batch_size is None:
         args.batch_size = 32 if args.shape == "minilm" else 8
     args.names = [n for n in (args.configs or ",".join(configs(args))).split(",") if n]
@@ -326,12 +328,12 @@ def main(argv=None):
           f"seq={args.seq_len} threads={args.threads} clock={args.clock} torch={torch.__version__}", flush=True)
     saved = {} if args.skip_saved else saved_bytes(names, args)
     memory = {} if args.skip_memory else peak_memory(names, args)
-    timed = names + [n + EAGER for n in names] if args.compile and args.with_eager else names
+    timed = names + [n + EAGER for n in names] if args.with_eager else names
     speed = {} if args.skip_speed else time_configs(timed, args)
     ratios = report(timed, args, speed, saved, memory)
     result = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "samples_per_s": speed,
               "saved_bytes": saved, "peak_gb": memory, "ours_over_peft": ratios}
-    if speed and timed != names:
+    if speed and args.with_eager:
         gain = result["compiled_over_eager"] = {n: speed[n] / speed[n + EAGER] for n in names}
         print("\ncompiled / eager speed: " + ", ".join(f"{n} {r:.3f}" for n, r in gain.items()))
     if not (args.skip_inference or args.skip_speed or args.shape != "minilm"):
