@@ -11,16 +11,18 @@ speed) from whatever JSON files exist. Cells whose JSON exists are skipped (dele
     python bench/adapter_matrix.py --table_only    # just the table from bench/results/
     python bench/adapter_matrix.py --table_only --compact   # the README's form: 'saved for backward / speed'
     python bench/adapter_matrix.py --device cuda --parallel 1   # on a GPU (bf16 cells at batch 64 / 8 x 512)
+    python bench/adapter_matrix.py --results DIR --model_path M --random_weights   # elsewhere; MiniLM from M's config
 """
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+RESULTS = os.path.join(HERE, "results")  # --results overrides
 SHAPES = ["minilm", "gpt2-small", "gpt2-medium"]
 SETTINGS = [("fp32", 0.0), ("fp32", 0.1), ("bf16", 0.1)]
 METHODS = [("lora", "LoRA"), ("vera", "VeRA r256"), ("vera1024", "VeRA r1024"), ("randlora", "RandLoRA")]
@@ -51,32 +53,35 @@ def run_cell(name, flags, args):
         if "--compile" in flags:
             return f"{name}: no RSS pass for compiled cells"
         name, flags = f"rss_{name}", [*flags, "--skip_saved", "--skip_speed", "--configs", SHAPE_PAIRS[flags[1]]]
-    path = os.path.join(RESULTS, f"adapters_{name}.json")
+    path = os.path.join(args.results, f"adapters_{name}.json")
     if os.path.exists(path):
         return f"{name}: kept (exists)"
     cmd = [sys.executable, os.path.join(HERE, "bench_adapters.py"), *flags, "--device", args.device,
            "--json_out", path, "--skip_inference", "--rounds", str(args.rounds)]
+    if flags[1] == "minilm" and args.model_path:
+        cmd += ["--model_path", args.model_path] + (["--random_weights"] if args.random_weights else [])
     cmd += ["--clock", "cpu", "--threads", "1"] if args.device == "cpu" else []
     cmd += ["--configs", SHAPE_PAIRS[flags[1]]] if "--compile" in flags else []
-    log = os.path.join(RESULTS, f"adapters_{name}.log")
+    cmd += shlex.split(args.bench_args)  # last, so they override the cell's own
+    log = os.path.join(args.results, f"adapters_{name}.log")
     with open(log, "w") as f:
         status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     return f"{name}: {'done' if status == 0 else f'FAILED ({status}), see {log}'}"
 
 
-def table(device, compact=False):
+def table(results, device, compact=False):
     measure = "" if compact else " measure |"  # compact: one row per cell, 'saved / speed'
     rows = ["| shape | precision, dropout |" + measure + " " + " | ".join(m for _, m in METHODS) + " |",
             "|---|---|" + ("---|" if measure else "") + "---:|" * len(METHODS)]
     for shape in SHAPES:
         for precision, dropout in [*SETTINGS, ("compiled fp32", 0.1)]:
             tag = precision.replace(" ", "_")
-            path = os.path.join(RESULTS, f"adapters_{device}_{shape}_{tag}_{dropout:g}.json")
+            path = os.path.join(results, f"adapters_{device}_{shape}_{tag}_{dropout:g}.json")
             if not os.path.exists(path):
                 continue
             with open(path) as f:
                 ratios = json.load(f)["ours_over_peft"]
-            rss_path = os.path.join(RESULTS, f"adapters_rss_{device}_{shape}_{tag}_{dropout:g}.json")
+            rss_path = os.path.join(results, f"adapters_rss_{device}_{shape}_{tag}_{dropout:g}.json")
             if os.path.exists(rss_path):  # the separate peak-RSS pass replaces the first pass's column
                 with open(rss_path) as f:
                     for method, row in json.load(f)["ours_over_peft"].items():
@@ -86,7 +91,8 @@ def table(device, compact=False):
                                                for k in ("saved", "speed")) if m in ratios else "–" for m, _ in METHODS)
                 rows.append(f"| {SHAPE_NAMES[shape]} | {precision}, {dropout:g} | {cells_} |")
                 continue
-            for key, label in (("saved", "saved for backward"), ("peak", "peak RSS"), ("speed", "speed")):
+            peak = "peak RSS" if device == "cpu" else "peak allocated"
+            for key, label in (("saved", "saved for backward"), ("peak", peak), ("speed", "speed")):
                 vals = [ratios.get(m, {}).get(key) for m, _ in METHODS]
                 if all(v is None for v in vals):
                     continue
@@ -95,11 +101,11 @@ def table(device, compact=False):
     return "\n".join(rows)
 
 
-def compiled_vs_eager(device):
+def compiled_vs_eager(results, device):
     """One line per compiled cell: each configuration's compiled / eager speed, measured in the same rounds."""
     lines = []
     for shape in SHAPES:
-        path = os.path.join(RESULTS, f"adapters_{device}_{shape}_compiled_fp32_0.1.json")
+        path = os.path.join(results, f"adapters_{device}_{shape}_compiled_fp32_0.1.json")
         if os.path.exists(path):
             with open(path) as f:
                 gain = json.load(f).get("compiled_over_eager")
@@ -118,16 +124,21 @@ def main(argv=None):
     p.add_argument("--table_only", action="store_true")
     p.add_argument("--rss_only", action="store_true", help="a pass measuring only peak RSS (ours and PEFT pairs)")
     p.add_argument("--compact", action="store_true", help="table cells 'saved for backward / speed'")
+    p.add_argument("--results", default=RESULTS, help="where each cell's JSON and log go (and the table is read)")
+    p.add_argument("--model_path", default=None, help="the MiniLM cells' model (default: bench_adapters.py's)")
+    p.add_argument("--random_weights", action="store_true", help="the MiniLM cells: --model_path's shape alone")
+    p.add_argument("--bench_args", default="", help="more bench_adapters.py flags for every cell, e.g. a tiny "
+                                                    "smoke run: '--batch_size 2 --seq_len 16 --steps 1'")
     args = p.parse_args(argv)
-    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(args.results, exist_ok=True)
     if not args.table_only:
         todo = [c for c in cells(args) if not args.only or any(s in c[0] for s in args.only.split(","))]
         with ThreadPoolExecutor(args.parallel) as pool:
             for line in pool.map(lambda c: run_cell(*c, args), todo):
                 print(line, flush=True)
     print(f"ours / PEFT 0.21.2 ({args.device}; below 1 = ours keeps less; speed above 1 = ours is faster)")
-    print(table(args.device, args.compact))
-    print(compiled_vs_eager(args.device))
+    print(table(args.results, args.device, args.compact))
+    print(compiled_vs_eager(args.results, args.device))
 
 
 if __name__ == "__main__":

