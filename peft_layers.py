@@ -717,9 +717,12 @@ class LoraLayer(AdapterLayer):
         n_on = sum(self.fused_slices) if self.fused_slices else 1
         if self.out_features % n_groups:
             raise AdapterError(f"cannot split {self.out_features} outputs into {n_groups} fused projections")
-        self.lora_A = nn.Parameter(torch.empty(rank * n_on, self.in_features, **kw))
+        # A is drawn on the CPU from the seeded CPU generator, then moved: a model already on a GPU gets the same
+        # A for a seed (a CPU generator cannot draw into a CUDA tensor)
+        down = torch.empty(rank * n_on, self.in_features, dtype=kw["dtype"])
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(down.to(kw["device"]))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features // n_groups * n_on, rank, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
 
     def factors(self, params=None):
         P = self._params(params)

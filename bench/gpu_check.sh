@@ -7,6 +7,7 @@
 #   bash bench/gpu_check.sh --budget 540    # seconds for all steps (default 570); each step's limit is cut to fit
 #   On a lent machine without this repo's data: bench/device_run.sh (after bench/device_bundle.sh here).
 #
+# 0. tests/test_cuda.py: the adapters on the GPU against the CPU (skipped where there is no GPU, so in --smoke).
 # 1. Adapters against HF PEFT: bench/adapter_matrix.py's bf16 cells (dropout 0.1) at the sizes users train on a
 #    GPU: MiniLM batch 64 x 128, GPT-2-small and GPT-2-medium shapes 8 x 512 (saved for backward, peak allocation,
 #    speed). MINILM_CONFIG=DIR builds the MiniLM from DIR/config.json with random weights (no package needed).
@@ -69,6 +70,9 @@ step() {  # step NAME LIMIT-SECONDS COMMAND...: run one measurement, its output 
   printf '{"step": "%s", "exit": %d, "seconds": %d}\n' "$name" "$rc" $((SECONDS - t0)) > "$out/steps/$name.status.json"
   [ "$rc" -eq 0 ] || echo "[gpu_check] $name failed (exit $rc; see $out/steps/$name.log)" >&2
 }
+
+# 0. the adapters on the GPU against the CPU: initialisation, gradients, bytes kept, merging, bf16, compile
+step cuda_tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
 # 1. adapters against PEFT, bf16 at GPU batch sizes; the table (saved / peak / speed rows) for the report
 step adapters 300 "$PY" bench/adapter_matrix.py --device "$ADAPTER_DEVICE" --parallel 1 --results "$out/adapters" \
@@ -184,6 +188,9 @@ lines = [f"# GPU check{' (smoke run on CPU: tiny sizes, the numbers mean nothing
          f"{seconds} s wall. Steps: " + ", ".join(
              f"{k} {'ok' if v['exit'] == 0 else state[v.get('skipped', False)]} ({v['seconds']} s)"
              for k, v in steps.items()), ""]
+tests = out / "steps" / "cuda_tests.log"
+if tests.is_file() and tests.read_text().strip():  # pytest's summary line
+    lines += [f"tests/test_cuda.py: {tests.read_text().strip().splitlines()[-1]}", ""]
 table = out / "steps" / "adapters_table.md"
 if adapters and table.is_file():  # adapter_matrix's table: saved for backward, peak allocation, speed
     lines += ["Adapters, ours / PEFT (below 1 = ours keeps less; speed above 1 = ours is faster):", "",
