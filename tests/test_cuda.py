@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_gpt2_config
+from conftest import saved_for_backward, tiny_gpt2_config
 
 import peft_layers
 
@@ -51,16 +51,8 @@ def batch(device):
 
 def step(model, ids, bf16=False):
     """One training step's loss, the trainable gradients, and the bytes autograd kept for backward."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward(model) as kept:
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

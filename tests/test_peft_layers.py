@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_bert_config, tiny_gpt2_config, tiny_roberta_config
+from conftest import saved_for_backward, tiny_bert_config, tiny_gpt2_config, tiny_roberta_config
 from transformers import BertForSequenceClassification, GPT2LMHeadModel, RobertaForSequenceClassification
 
 import peft_layers as pl
@@ -441,15 +441,7 @@ def test_fused_lora_every_path_matches_plain_autograd(monkeypatch, p, x_grad):
 
 def saved_bytes(model, x):
     """Bytes autograd keeps for backward, each storage once, the model's parameters and buffers left out."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward(model) as kept:
         loss = model(input_ids=x, labels=x).loss
     loss.backward()
     return sum(kept.values())
