@@ -185,6 +185,25 @@ def process_group_backend():
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+@contextlib.contextmanager
+def count_saved_for_backward(model):
+    """Counts the bytes autograd keeps for backward of what runs inside the block: each saved tensor's storage
+    once, the model's own parameters and buffers left out (they exist whether or not anything is kept). Yields a
+    dict (storage -> bytes); sum its values after the block."""
+    import torch
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
+
+
 def ensure_pad_token(tokenizer, model=None):
     """GPT-2-style tokenizers have no pad token: pad with end-of-text, which the loss and attention mask ignore."""
     if tokenizer.pad_token is None:

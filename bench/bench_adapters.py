@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peft_layers  # noqa: E402
+from common import count_saved_for_backward  # noqa: E402
 
 # name -> (implementation, method, rank, alpha); the GPT-2 shapes use GPT2_CONFIGS
 CONFIGS = {
@@ -139,16 +140,7 @@ def train_step(model, opt, ids, labels, args):
 def saved_for_backward(model, ids, labels, args):
     """Bytes autograd keeps for one step's backward: every saved tensor's storage once, the model's own
     parameters and buffers left out."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved_for_backward(model) as kept:
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(input_ids=ids, labels=labels).loss
     loss.backward()

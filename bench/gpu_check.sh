@@ -189,8 +189,9 @@ lines = [f"# GPU check{' (smoke run on CPU: tiny sizes, the numbers mean nothing
              f"{k} {'ok' if v['exit'] == 0 else state[v.get('skipped', False)]} ({v['seconds']} s)"
              for k, v in steps.items()), ""]
 tests = out / "steps" / "cuda_tests.log"
-if tests.is_file() and tests.read_text().strip():  # pytest's summary line
-    lines += [f"tests/test_cuda.py: {tests.read_text().strip().splitlines()[-1]}", ""]
+tests_log = tests.read_text().strip() if tests.is_file() else ""
+if tests_log:  # pytest's summary line
+    lines += [f"tests/test_cuda.py: {tests_log.splitlines()[-1]}", ""]
 table = out / "steps" / "adapters_table.md"
 if adapters and table.is_file():  # adapter_matrix's table: saved for backward, peak allocation, speed
     lines += ["Adapters, ours / PEFT (below 1 = ours keeps less; speed above 1 = ours is faster):", "",

@@ -2,7 +2,6 @@
 
 Nothing here touches the network: every model is built from a config, every tokenizer loads from a local folder.
 """
-import contextlib
 import os
 import socket
 import sys
@@ -29,22 +28,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def saved_for_backward(model):
-    """Counts the bytes autograd keeps for backward of what runs inside the block: each storage once, the model's
-    own parameters and buffers left out. Yields a dict (storage -> bytes); sum its values after the block."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield kept
 
 
 def tiny_bert_config(num_labels=2, **kw):

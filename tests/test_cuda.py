@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import saved_for_backward, tiny_gpt2_config
+from conftest import tiny_gpt2_config
 
 import peft_layers
+from common import count_saved_for_backward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 METHODS = [("lora", 4), ("vera", 16), ("randlora", 4)]
@@ -52,7 +53,7 @@ def batch(device):
 def step(model, ids, bf16=False):
     """One training step's loss, the trainable gradients, and the bytes autograd kept for backward."""
     model.zero_grad(set_to_none=True)
-    with saved_for_backward(model) as kept:
+    with count_saved_for_backward(model) as kept:
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -62,17 +63,15 @@ def step(model, ids, bf16=False):
 
 @pytest.mark.parametrize("method,rank", METHODS)
 def test_an_adapter_applied_on_the_gpu_is_the_one_applied_on_the_cpu(method, rank):
-    on_cpu = adapt(gpt2("cpu"), method, rank).state_dict()
-    on_gpu = adapt(gpt2("cuda"), method, rank).state_dict()
+    def tensors(model):  # the state dict and the shared bases, which are buffers kept out of it
+        return {**model.state_dict(), **{n: b for n, b in model.named_buffers() if "bases" in n}}
+
+    on_cpu = tensors(adapt(gpt2("cpu"), method, rank))
+    on_gpu = tensors(adapt(gpt2("cuda"), method, rank))
     assert on_cpu.keys() == on_gpu.keys()
     for name, tensor in on_cpu.items():
         assert on_gpu[name].device.type == "cuda", name
         torch.testing.assert_close(on_gpu[name].cpu(), tensor, rtol=0, atol=0, msg=name)
-    bases_cpu = {n: b for n, b in adapt(gpt2("cpu"), method, rank).named_buffers() if "bases" in n}
-    bases_gpu = {n: b.cpu() for n, b in adapt(gpt2("cuda"), method, rank).named_buffers() if "bases" in n}
-    assert bases_cpu.keys() == bases_gpu.keys()
-    for name in bases_cpu:
-        torch.testing.assert_close(bases_gpu[name], bases_cpu[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("method,rank", METHODS)

@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
-from conftest import saved_for_backward, tiny_bert_config, tiny_gpt2_config, tiny_roberta_config
+from conftest import tiny_bert_config, tiny_gpt2_config, tiny_roberta_config
 from transformers import BertForSequenceClassification, GPT2LMHeadModel, RobertaForSequenceClassification
 
 import peft_layers as pl
+from common import count_saved_for_backward
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 SETTINGS = [("lora", 4, 8.0), ("vera", 8, None), ("randlora", 4, 16.0)]
@@ -441,7 +442,7 @@ def test_fused_lora_every_path_matches_plain_autograd(monkeypatch, p, x_grad):
 
 def saved_bytes(model, x):
     """Bytes autograd keeps for backward, each storage once, the model's parameters and buffers left out."""
-    with saved_for_backward(model) as kept:
+    with count_saved_for_backward(model) as kept:
         loss = model(input_ids=x, labels=x).loss
     loss.backward()
     return sum(kept.values())
