@@ -51,11 +51,11 @@ def cells(args):
 def run_cell(name, flags, args):
     if args.rss_only:  # a later pass for the peak-RSS column alone (memory needs no idle machine)
         if "--compile" in flags:
-            return f"{name}: no RSS pass for compiled cells"
+            return f"{name}: no RSS pass for compiled cells", True
         name, flags = f"rss_{name}", [*flags, "--skip_saved", "--skip_speed", "--configs", SHAPE_PAIRS[flags[1]]]
     path = os.path.join(args.results, f"adapters_{name}.json")
     if os.path.exists(path):
-        return f"{name}: kept (exists)"
+        return f"{name}: kept (exists)", True
     cmd = [sys.executable, os.path.join(HERE, "bench_adapters.py"), *flags, "--device", args.device,
            "--json_out", path, "--skip_inference", "--rounds", str(args.rounds)]
     if flags[1] == "minilm" and args.model_path:
@@ -66,7 +66,7 @@ def run_cell(name, flags, args):
     log = os.path.join(args.results, f"adapters_{name}.log")
     with open(log, "w") as f:
         status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    return f"{name}: {'done' if status == 0 else f'FAILED ({status}), see {log}'}"
+    return f"{name}: {'done' if status == 0 else f'FAILED ({status}), see {log}'}", status == 0
 
 
 def table(results, device, compact=False):
@@ -131,14 +131,18 @@ def main(argv=None):
                                                     "smoke run: '--batch_size 2 --seq_len 16 --steps 1'")
     args = p.parse_args(argv)
     os.makedirs(args.results, exist_ok=True)
+    failed = 0
     if not args.table_only:
         todo = [c for c in cells(args) if not args.only or any(s in c[0] for s in args.only.split(","))]
         with ThreadPoolExecutor(args.parallel) as pool:
-            for line in pool.map(lambda c: run_cell(*c, args), todo):
+            for line, ok in pool.map(lambda c: run_cell(*c, args), todo):
                 print(line, flush=True)
+                failed += not ok
     print(f"ours / PEFT 0.21.2 ({args.device}; below 1 = ours keeps less; speed above 1 = ours is faster)")
     print(table(args.results, args.device, args.compact))
     print(compiled_vs_eager(args.results, args.device))
+    if failed:  # the table shows what did run; the exit status says that not everything did
+        sys.exit(f"error: {failed} cell(s) failed; each one's log is named above")
 
 
 if __name__ == "__main__":

