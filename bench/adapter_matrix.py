@@ -1,7 +1,7 @@
 """Every benchmark shape of bench_adapters.py in one command, and the README's table from its results.
 
-Runs bench_adapters.py for each shape (MiniLM, GPT-2-small, GPT-2-medium) in fp32 without dropout, fp32 with
-dropout 0.1 and bf16 autocast with dropout 0.1, plus each shape compiled (fp32, dropout 0.1; timed beside the same
+Runs bench_adapters.py for each shape (MiniLM, GPT-2-small, GPT-2-medium) in fp32 and in bf16 autocast, each
+without dropout and with dropout 0.1, plus each shape compiled (fp32, dropout 0.1; timed beside the same
 models eager, so compiled / eager is measured side by side too), each cell in its own process writing
 bench/results/adapters_<cell>.json; then prints one markdown table of ours / PEFT (saved for backward, peak RSS,
 speed) from whatever JSON files exist. Cells whose JSON exists are skipped (delete it to measure again).
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")  # --results overrides
 SHAPES = ["minilm", "gpt2-small", "gpt2-medium"]
-SETTINGS = [("fp32", 0.0), ("fp32", 0.1), ("bf16", 0.1)]
+SETTINGS = [("fp32", 0.0), ("fp32", 0.1), ("bf16", 0.0), ("bf16", 0.1)]
 METHODS = [("lora", "LoRA"), ("vera", "VeRA r256"), ("vera1024", "VeRA r1024"), ("randlora", "RandLoRA")]
 PAIRS = "ours-lora,peft-lora,ours-vera,peft-vera,ours-randlora,peft-randlora"
 GPT2_PAIRS = PAIRS + ",ours-vera1024,peft-vera1024"

@@ -44,13 +44,13 @@ fi
 minilm=()
 [ -n "${MINILM_CONFIG:-}" ] && minilm=(--model_path "$MINILM_CONFIG" --random_weights)
 if [ "$smoke" = 1 ]; then
-  ADAPTER_DEVICE=cpu ADAPTERS=(--only cpu_minilm_bf16,cpu_gpt2-small_bf16 --rounds 1
+  ADAPTER_DEVICE=cpu ADAPTERS=(--only cpu_minilm_bf16_0.1,cpu_gpt2-small_bf16_0.1 --rounds 1
     "--bench_args=--batch_size 2 --seq_len 16 --steps 1 --memory_steps 1 --configs ours-lora,peft-lora")
   MATMUL=256 TRAIN_SHAPE=small TRAIN_STEPS=1 DECODE=(--num_mrs 2 --plain_mrs 1 --beam 2 --gen_tokens 4 --batch_size 2)
   DP_ROWS=16 DP_PROCS=2 DP_LAUNCH="env ACCELERATE_USE_CPU=1 $PY -m accelerate.commands.launch --multi_gpu"
 else
   # a GPU step takes milliseconds: 20 timed steps per round, after 3 that warm the libraries' kernel choices
-  ADAPTER_DEVICE=cuda ADAPTERS=(--only cuda_minilm_bf16,cuda_gpt2-medium_bf16,cuda_gpt2-small_bf16
+  ADAPTER_DEVICE=cuda ADAPTERS=(--only cuda_minilm_bf16_0.1,cuda_gpt2-medium_bf16_0.1,cuda_gpt2-small_bf16_0.1
     "--bench_args=--steps 20 --warmup 3")
   MATMUL=8192 TRAIN_SHAPE=medium TRAIN_STEPS=${TRAIN_STEPS:-300} DECODE=(--num_mrs 128 --plain_mrs 8)
   DP_ROWS=${DP_ROWS:-4000} DP_PROCS=$ngpu DP_LAUNCH="$PY -m accelerate.commands.launch --multi_gpu"
