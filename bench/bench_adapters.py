@@ -209,10 +209,8 @@ def time_configs(names, args):
 def time_inference(args):
     """Eval throughput: a merged LoRA adapter against the plain model (same weights shape, same batch)."""
     ids, _ = make_batch(args, args.device)
-    torch.manual_seed(0)
-    plain = minilm(args).to(args.device).eval()
-    torch.manual_seed(0)
-    adapted = minilm(args).to(args.device)
+    plain = load_model(args).to(args.device).eval()
+    adapted = load_model(args).to(args.device)  # the same weights: load_model seeds
     peft_layers.apply_adapter(adapted, "lora", 8, 16, ["query", "value"]).eval()  # eval() merges
     rates = {"plain": [], "merged-lora": []}
     with torch.inference_mode(), torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):

@@ -241,12 +241,13 @@ def test_gpu_check_smoke_writes_its_report(tmp_path):
     assert set(lora) == {"saved", "peak", "speed"} and all(v > 0 for v in lora.values())
     gpt2_lora = report["adapters"]["cpu_gpt2-small_bf16_0.1"]["lora"]
     assert set(gpt2_lora) == {"saved", "peak", "speed"} and all(v > 0 for v in gpt2_lora.values())
-    assert "| MiniLM | bf16, 0.1 | saved for backward |" in (out / "gpu_check.md").read_text()
-    assert "| GPT-2-small | bf16, 0.1 | saved for backward |" in (out / "gpu_check.md").read_text()
+    markdown = (out / "gpu_check.md").read_text()
+    assert markdown.startswith("# GPU check (smoke run on CPU")
+    assert "| MiniLM | bf16, 0.1 | saved for backward |" in markdown
+    assert "| GPT-2-small | bf16, 0.1 | saved for backward |" in markdown
     assert report["matmul"]["bfloat16_tflops"] > 0
     assert report["e2e_train"]["lora_r4"]["epoch_seconds_estimate"] > 0
     assert report["data_parallel"]["processes"] == 2 and report["data_parallel"]["speedup"] > 0
-    assert (out / "gpu_check.md").read_text().startswith("# GPU check (smoke run on CPU")
 
 
 def test_gpu_check_skips_the_steps_its_budget_cannot_hold(tmp_path):
