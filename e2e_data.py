@@ -183,9 +183,14 @@ def load_tokenizer(name_or_path):
     return tokenizer
 
 
-def load_causal_lm(name_or_path, **kwargs):
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(name_or_path, edit_config=None, **kwargs):
+    """A causal LM by Hub name or folder; edit_config(config), when given, may change its config before the model
+    is built."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     try:
+        if edit_config is not None:
+            kwargs["config"] = AutoConfig.from_pretrained(name_or_path)
+            edit_config(kwargs["config"])
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load a causal LM from {name_or_path!r} ({str(e).splitlines()[0]})") from None

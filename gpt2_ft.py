@@ -37,12 +37,14 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import GradientAccumulationPlugin
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -91,10 +93,15 @@ class TrainArguments:
         "help": "RandLoRA's scale: 'fork' = alpha / r / sqrt(n bases), as RandLoRA's NLG code; 'peft' = alpha / r, "
                 "as HF PEFT >= 0.16", "choices": ["fork", "peft"]})
     lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter's input"})
+    model_dropout: float = field(default=0.0, metadata={
+        "help": "dropout inside the base model while training (GPT-2's attn_pdrop, embd_pdrop, resid_pdrop): 0 as "
+                "in microsoft/LoRA's GPT-2, which has no dropout but the adapter's; Hugging Face's GPT-2 configs "
+                "say 0.1"})
     label_smooth: float = field(default=0.1, metadata={"help": "label smoothing of the completion loss"})
     train_batch_size: int = field(default=8, metadata={"help": "sequences per step and process"})
     valid_batch_size: int = field(default=4, metadata={"help": "sequences per validation step and process"})
-    grad_acc: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    grad_acc: int = field(default=1, metadata={
+        "help": "gradient accumulation: an optimizer update every N steps (steps count batches, as microsoft/LoRA)"})
     clip: float = field(default=0.0, metadata={"help": "gradient-norm clipping (0: off)"})
     seq_len: int = field(default=512, metadata={"help": "longest training sequence in tokens (longer ones cut)"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
@@ -105,10 +112,13 @@ class TrainArguments:
     correct_bias: bool = field(default=True, metadata={
         "help": "AdamW bias correction (microsoft/LoRA's flag; on in its E2E recipe; --no_correct_bias turns it off)"})
     scheduler: str = field(default="linear", metadata={
-        "help": "learning-rate schedule after warm-up", "choices": ["linear", "cosine", "constant_with_warmup"]})
+        "help": "learning-rate schedule after warm-up, microsoft/LoRA's: linear, cosine (its formula), constant "
+                "(= constant_with_warmup)", "choices": ["linear", "cosine", "constant", "constant_with_warmup"]})
     warmup_step: int = field(default=500, metadata={"help": "linear warm-up steps"})
     max_epoch: int = field(default=5, metadata={"help": "epochs"})
-    max_step: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_step: int | None = field(default=None, metadata={
+        "help": "stop after this many steps (batches per process) and end the schedule there, even past --max_epoch "
+                "(default: --max_epoch epochs)"})
     log_interval: int = field(default=100, metadata={"help": "log the training loss every N steps"})
     eval_interval: int = field(default=2000, metadata={"help": "validate every N steps"})
     save_interval: int = field(default=1000, metadata={"help": "checkpoint every N steps"})
@@ -205,16 +215,20 @@ def _label_hook(model):
     return head._label_positions
 
 
-def completion_loss(model, batch, label_smoothing):
-    """Mean next-token cross-entropy over completion tokens (the LM head computed at those positions only); also
-    the token count."""
+def label_logits(model, batch):
+    """The logits at the positions that predict a label only (labelled tokens x vocab), in batch["targets"] order."""
     hook = _label_hook(model)
     hook.index = batch["label_index"]
     try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     finally:
         hook.index = None
-    loss = F.cross_entropy(logits.float(), batch["targets"], label_smoothing=label_smoothing)
+
+
+def completion_loss(model, batch, label_smoothing):
+    """Mean next-token cross-entropy over completion tokens (the LM head computed at those positions only); also
+    the token count."""
+    loss = F.cross_entropy(label_logits(model, batch).float(), batch["targets"], label_smoothing=label_smoothing)
     return loss, batch["targets"].numel()
 
 
@@ -244,14 +258,18 @@ def eval_mode_unmerged(model):
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator):
-    """Validation loss (no smoothing) averaged over all completion tokens of all processes, and perplexity."""
+    """Validation loss (no smoothing) averaged over every completion token of the validation set, each row counted
+    once whatever the number of processes (accelerate repeats rows to even out the processes' batches:
+    gather_for_metrics drops them), and perplexity."""
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     with eval_mode_unmerged(model):
         for batch in loader:
-            loss, n = completion_loss(model, batch, 0.0)
-            total += loss.float() * n
-            count += n
-    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+            token_loss = F.cross_entropy(label_logits(model, batch).float(), batch["targets"], reduction="none")
+            rows, n = batch["label_index"] // batch["input_ids"].size(1), batch["input_ids"].size(0)
+            row_loss = torch.zeros(n, device=token_loss.device).index_add_(0, rows, token_loss)
+            row_loss, row_tokens = accelerator.gather_for_metrics((row_loss, torch.bincount(rows, minlength=n)))
+            total += row_loss.sum()
+            count += row_tokens.sum()
     avg = (total / count.clamp(min=1)).item()
     return {"valid_loss": avg, "valid_ppl": math.exp(min(avg, 50))}
 
@@ -375,8 +393,8 @@ def parse_args(argv=None):
                          "--max_epoch and the --*_interval flags must be at least 1")
     if args.max_step is not None and args.max_step < 1:
         raise UsageError(f"--max_step {args.max_step}: give a positive number of steps, or leave it out")
-    if args.warmup_step < 0 or not 0 <= args.lora_dropout < 1 or not 0 <= args.label_smooth < 1:
-        raise UsageError("--warmup_step must be >= 0, --lora_dropout and --label_smooth in [0, 1)")
+    if args.warmup_step < 0 or not all(0 <= v < 1 for v in (args.lora_dropout, args.model_dropout, args.label_smooth)):
+        raise UsageError("--warmup_step must be >= 0, --lora_dropout, --model_dropout and --label_smooth in [0, 1)")
     check_limit(args.max_train_examples, "--max_train_examples")
     check_limit(args.max_valid_examples, "--max_valid_examples")
     spelled = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
@@ -391,7 +409,10 @@ def make_accelerator(args):
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend=process_group_backend())] if distributed else []
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.grad_acc,
+        # microsoft/LoRA's accumulation: an update every --grad_acc batches counted over the whole run (a window may
+        # span an epoch's end), while the schedule advances every batch (Trainer.step)
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_acc, sync_with_dataloader=False),
+        step_scheduler_with_optimizer=False,
         mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
         log_with="tensorboard" if args.report_to == "tensorboard" else None, project_dir=args.work_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), kwargs_handlers=handlers)
@@ -417,30 +438,49 @@ def model_source(args):
     return args.model_name_or_path or gpt2_checkpoint.card_hub_name(args.model_card or "gpt2.md")
 
 
+def set_base_dropout(config, p):
+    """Sets every dropout rate in a model config (its float entries named *pdrop or *dropout*) to p before the
+    model is built; returns {name: old value} for those that changed."""
+    changed = {k: v for k, v in config.to_dict().items()
+               if isinstance(v, float) and (k.endswith("pdrop") or "dropout" in k) and v != p}
+    for key in changed:
+        setattr(config, key, p)
+    return changed
+
+
 def load_model(args):
-    """(model, LoRA tensors from --init_checkpoint to load once the adapter exists)."""
-    lora, base = {}, {}
+    """(model, LoRA tensors from --init_checkpoint to load once the adapter exists, notes for the start line)."""
+    lora, base, changed = {}, {}, {}
     if args.init_checkpoint:
         base, lora = gpt2_checkpoint.split_state_dict(gpt2_checkpoint.read_state_dict(args.init_checkpoint))
     if not base:
         name = args.model_name_or_path or gpt2_checkpoint.card_hub_name(args.model_card or "gpt2.md")
-        return load_causal_lm(name), lora
-    if args.model_name_or_path:
+        model = load_causal_lm(name, edit_config=lambda c: changed.update(set_base_dropout(c, args.model_dropout)))
+    elif args.model_name_or_path:
         raise UsageError(f"--init_checkpoint {args.init_checkpoint} holds a whole model: leave out "
                          "--model_name_or_path, or give an adapter-only checkpoint")
-    config = gpt2_checkpoint.gpt2_config(args.init_checkpoint, base, args.model_card)
-    return gpt2_checkpoint.build_gpt2(config, base, args.init_checkpoint), lora
+    else:
+        config = gpt2_checkpoint.gpt2_config(args.init_checkpoint, base, args.model_card)
+        changed = set_base_dropout(config, args.model_dropout)
+        model = gpt2_checkpoint.build_gpt2(config, base, args.init_checkpoint)
+    was = ", ".join(f"{k} {v:g}" for k, v in sorted(changed.items()))
+    note = (f"the base model's own dropout is {args.model_dropout:g} while training (its config: {was}), as in "
+            "microsoft/LoRA's GPT-2, which has no dropout but the adapter's; --model_dropout sets it")
+    return model, lora, [note] if changed else []
 
 
-def add_adapter(args, model, lora):
-    """Apply the adapter (and load --init_checkpoint's LoRA tensors); returns the set-up as a dict."""
+def add_adapter(args, model, lora, notes):
+    """Apply the adapter (and load --init_checkpoint's LoRA tensors); returns the set-up as a dict, with `notes`
+    (the model's) and the adapter's own."""
+    notes = list(notes)
     if args.adapter_name == "none":
         if lora:
             raise UsageError("--init_checkpoint holds LoRA tensors but --adapter_name is none")
         trainable, total = peft_layers.trainable_parameters(model)
         return {"method": "none", "rank": None, "alpha": None, "scaling": None, "targets": ["all weights"],
-                "dropout": None, "trainable_params": trainable, "total_params": total, "notes": []}
-    layer_class, notes = peft_layers.method_class(args.adapter_name), []
+                "dropout": None, "model_dropout": args.model_dropout, "trainable_params": trainable,
+                "total_params": total, "notes": notes}
+    layer_class = peft_layers.method_class(args.adapter_name)
     targets = args.target_modules or DEFAULT_TARGETS[args.adapter_name]
     alpha = args.lora_alpha if args.lora_alpha is not None else RECIPE_ALPHA.get(args.adapter_name)
     if targets and "c_attn" in targets and not layer_class.fused_qkv:
@@ -461,7 +501,8 @@ def add_adapter(args, model, lora):
     trainable, total = peft_layers.trainable_parameters(model)
     return {"method": args.adapter_name, "rank": args.rank, "alpha": alpha,
             "scaling": alpha / args.rank if layer_class.has_alpha else 1.0, "targets": shown,
-            "dropout": args.lora_dropout, "trainable_params": trainable, "total_params": total, "notes": notes}
+            "dropout": args.lora_dropout, "model_dropout": args.model_dropout, "trainable_params": trainable,
+            "total_params": total, "notes": notes}
 
 
 def build_training(args, accelerator, model, train_set, valid_set, pad_id):
@@ -475,12 +516,28 @@ def build_training(args, accelerator, model, train_set, valid_set, pad_id):
     optimizer = LegacyAdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epislon,
                             weight_decay=args.weight_decay, correct_bias=args.correct_bias)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.grad_acc)
-    max_step = min(args.max_step or math.inf, steps_per_epoch * args.max_epoch)
-    # accelerate steps a prepared scheduler once per process at every optimizer step, hence the factor.
-    scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=args.warmup_step * accelerator.num_processes,
-                              num_training_steps=max_step * accelerator.num_processes)
+    # Steps count each process's batches, as microsoft/LoRA's train_step does (an update every --grad_acc of them).
+    epochs_steps = math.ceil(len(train_loader) / accelerator.num_processes) * args.max_epoch
+    max_step = min(args.max_step or math.inf, epochs_steps)
+    scheduler = make_scheduler(args, optimizer, horizon=args.max_step or epochs_steps)
     return (*accelerator.prepare(model, optimizer, train_loader, valid_loader, scheduler), max_step)
+
+
+def make_scheduler(args, optimizer, horizon):
+    """microsoft/LoRA's schedules over `horizon` steps: linear warm-up, then linear decay, constant (its `constant`
+    is Hugging Face's constant_with_warmup) or its cosine, which decays from step 0 (not from the warm-up's end) and
+    gives the first update lr 0 even without warm-up (its init_lr runs after the scheduler's first step)."""
+    # With --grad_acc > 1 the schedule's first step comes before the first update, as in microsoft/LoRA: not an error
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+    if args.scheduler != "cosine":
+        name = "constant_with_warmup" if args.scheduler == "constant" else args.scheduler
+        return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_step, num_training_steps=horizon)
+
+    def cosine(step):
+        if step == 0 or step < args.warmup_step:
+            return step / max(1, args.warmup_step)
+        return 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
 def describe(args, setup, max_step, accelerator, spelled):
@@ -493,7 +550,8 @@ def describe(args, setup, max_step, accelerator, spelled):
     line = ("setup: " + (f"{setup['method']} r={setup['rank']} alpha={setup['alpha']:g} scaling={setup['scaling']:g} "
                          if setup["rank"] and setup["scaling"] is not None else f"{setup['method']} ")
             + f"targets={','.join(setup['targets'])} dropout={setup['dropout']} trainable="
-              f"{setup['trainable_params']:,}/{setup['total_params']:,} warm-up={args.warmup_step} steps "
+              f"{setup['trainable_params']:,}/{setup['total_params']:,} model_dropout={args.model_dropout:g} "
+              f"warm-up={args.warmup_step} steps "
               f"({args.scheduler}, {max_step} steps) lr={args.lr:g} {setup['optimizer']} "
               f"label_smooth={args.label_smooth} batch={setup['batch']} seed={args.seed}")
     if accelerator.is_main_process:
@@ -532,7 +590,12 @@ class Trainer:
             return
         self.state = load_checkpoint(ckpt, self.acc.unwrap_model(self.model), self.full_optimizer, self.scheduler,
                                      self.adapter)
+        self.acc.step = self.state.step  # accelerate's batch count, which places the --grad_acc windows
         logger.info("resumed from %s at step %d (epoch %d)", ckpt, self.state.step, self.state.epoch)
+        if self.state.step % self.args.grad_acc:
+            logger.warning("%s ends inside a --grad_acc %d window, whose gradients a checkpoint does not hold: the "
+                           "first update after resuming sums only the window's remaining batches", ckpt,
+                           self.args.grad_acc)
 
     def paused(self):
         return self.timer.paused() if self.timer else contextlib.nullcontext()
@@ -571,9 +634,9 @@ class Trainer:
             self.acc.backward(loss)
             if self.args.clip > 0 and self.acc.sync_gradients:
                 self.acc.clip_grad_norm_(self.model.parameters(), self.args.clip)
-            self.optimizer.step()
-            self.scheduler.step()
+            self.optimizer.step()  # prepared: acts only at the end of a --grad_acc window
             self.optimizer.zero_grad()
+        self.scheduler.step()  # every batch, as microsoft/LoRA's optimizer_step
         return loss.detach()
 
     def fit(self):
@@ -599,8 +662,6 @@ class Trainer:
                 count += 1
                 tokens += batch["tokens"]
                 state.batches_done += 1
-                if not self.acc.sync_gradients:
-                    continue
                 state.step += 1
                 self.progress.update(1)
                 if state.step % args.log_interval == 0 or state.step == self.max_step:
@@ -662,7 +723,7 @@ def main(argv=None):
     set_seed(args.seed)
     train_rows, valid_rows = load_data(args)
     tokenizer = None if is_token_data(train_rows) else load_tokenizer(args.tokenizer_name or model_source(args))
-    model, lora = load_model(args)
+    model, lora, notes = load_model(args)
     train_set = encode(train_rows, tokenizer, args.seq_len, args.max_train_examples)
     valid_set = encode(valid_rows, tokenizer, args.seq_len, args.max_valid_examples)
     if not train_set:
@@ -670,7 +731,7 @@ def main(argv=None):
     pad_id = GPT2_EOS if tokenizer is None else (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     prepare_work_dir(args, accelerator, model)
-    setup = add_adapter(args, model, lora)
+    setup = add_adapter(args, model, lora, notes)
     model.train()
     model, optimizer, train_loader, valid_loader, scheduler, max_step = build_training(
         args, accelerator, model, train_set, valid_set, pad_id)

@@ -638,6 +638,15 @@ class AdapterLayer(nn.Module):
             self._merged_params = snapshot
             self._merged_versions = self._param_versions()
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .half(): the merge snapshot goes where the weights go. A model from
+        # from_pretrained is in eval mode, so apply_adapter merges it before a Trainer moves it to the GPU, and its
+        # train() then unmerges there.
+        super()._apply(fn, recurse)
+        if self._merged_params is not None:
+            self._merged_params = {n: fn(t) for n, t in self._merged_params.items()}
+        return self
+
     def _param_versions(self):
         return tuple(getattr(self, n)._version for n in self.adapter_names())
 

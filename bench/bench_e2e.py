@@ -224,12 +224,15 @@ def bench_train(args):
 
 def bench_step(args):
     """One LoRA training step (forward, loss, backward, AdamW) with the LM head at every position against the
-    head at the labelled positions only (gpt2_ft.py's step), same model and batches, interleaved; CPU time."""
+    head at the labelled positions only (gpt2_ft.py's step), and that step with the base model's own dropout at
+    Hugging Face's 0.1 (gpt2_ft.py's before --model_dropout: microsoft/LoRA's GPT-2 has none); same model and
+    batches, interleaved; CPU time."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     import gpt2_ft
     import peft_layers
+    from common import count_saved_for_backward
     from e2e_data import load_e2e
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(DATA_DIR / "gpt2_vocab")
@@ -241,22 +244,39 @@ def bench_step(args):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **GPT2_SHAPES[args.shape]))
     peft_layers.apply_adapter(model, "lora", 4, 32, dropout=0.1)
     model.train()
+    adapters = {id(layer.dropout) for _, layer in peft_layers.adapter_layers(model)}
+    model_dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and id(m) not in adapters]
     optimizer = gpt2_ft.LegacyAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ways = {"full_logits": gpt2_ft.full_completion_loss, "label_positions": gpt2_ft.completion_loss}
+    # name -> (loss, the base model's own dropout)
+    ways = {"full_logits": (gpt2_ft.full_completion_loss, 0.0), "label_positions": (gpt2_ft.completion_loss, 0.0),
+            "label_positions_model_dropout": (gpt2_ft.completion_loss, 0.1)}
     cpu = {name: 0.0 for name in ways}
     peak_logits = {name: 0 for name in ways}
     for repeat in range(args.repeats):
         for batch in batches:
             for name in (list(ways) if repeat % 2 == 0 else list(ways)[::-1]):  # alternate which goes first
+                loss_fn, dropout = ways[name]
+                for m in model_dropouts:
+                    m.p = dropout
                 start = time.process_time()
-                loss, _ = ways[name](model, batch, 0.1)
+                loss, _ = loss_fn(model, batch, 0.1)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
                 cpu[name] += time.process_time() - start
+    saved = {}  # bytes autograd keeps for backward of the first batch's step, each way (exact, repeatable)
+    for name, (loss_fn, dropout) in ways.items():
+        for m in model_dropouts:
+            m.p = dropout
+        with count_saved_for_backward(model) as kept:
+            loss, _ = loss_fn(model, batches[0], 0.1)
+        loss.backward()
+        optimizer.zero_grad()
+        saved[name] = sum(kept.values())
     for batch in batches:  # rows of vocabulary-wide logits each way computes (and keeps for backward)
-        peak_logits["full_logits"] += batch["input_ids"].numel()
-        peak_logits["label_positions"] += batch["targets"].numel()
+        for name, (loss_fn, _) in ways.items():
+            full = loss_fn is gpt2_ft.full_completion_loss
+            peak_logits[name] += batch["input_ids"].numel() if full else batch["targets"].numel()
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) * args.repeats
     labelled = sum(b["targets"].numel() for b in batches) / sum(int(b["attention_mask"].sum()) for b in batches)
     return {
@@ -265,7 +285,9 @@ def bench_step(args):
         "labelled_token_fraction": round(labelled, 3),
         **{f"{name}_cpu_tokens_per_second": round(tokens / cpu[name], 1) for name in ways},
         "speedup_cpu_time": round(cpu["full_logits"] / cpu["label_positions"], 3),
+        "model_dropout_off_speedup_cpu_time": round(cpu["label_positions_model_dropout"] / cpu["label_positions"], 3),
         **{f"{name}_lm_head_rows": peak_logits[name] for name in ways},
+        **{f"{name}_saved_for_backward_mb": round(saved[name] / 1e6, 1) for name in ways},
         "load_average_1min": round(load_average(), 2),
     }
 

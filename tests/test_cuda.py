@@ -109,6 +109,21 @@ def test_eval_merges_on_the_gpu_with_the_unmerged_output(method, rank):
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method,rank", METHODS)
+def test_a_model_merged_on_the_cpu_trains_on_the_gpu(method, rank):
+    """run_glue.py's order: from_pretrained (eval mode), apply_adapter (merges), then the Trainer moves the model
+    and calls train(), which unmerges on the GPU."""
+    reference = randomised(adapt(gpt2("cpu"), method, rank)).train()
+    model = copy.deepcopy(reference).eval()  # merged on the CPU
+    model.to("cuda").train()
+    assert not any(layer.merged for _, layer in peft_layers.adapter_layers(model))
+    loss_cpu, grads_cpu, _ = step(reference, batch("cpu"))
+    loss_gpu, grads_gpu, _ = step(model, batch("cuda"))
+    torch.testing.assert_close(loss_gpu, loss_cpu, rtol=1e-5, atol=1e-5)
+    for name, grad in grads_cpu.items():
+        torch.testing.assert_close(grads_gpu[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_a_compiled_lora_step_on_the_gpu_matches_eager():
     model = randomised(adapt(gpt2("cuda"), "lora", 4)).train()
     ids = batch("cuda")

@@ -2,6 +2,7 @@
 training lowers the loss, --resume continues exactly, full fine-tuning counts every trained token, beam decoding
 is deterministic, ordered, deduplicated and gives the same file on one and on two processes."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,6 +84,57 @@ def test_training_lowers_loss_and_resume_continues_exactly(tmp_path, monkeypatch
         "checkpoint-10", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
 
 
+def test_grad_acc_counts_batches_as_microsoft_lora(tmp_path, monkeypatch, tiny_dir, capfd):
+    """microsoft/LoRA's --grad_acc: a step is a batch (--max_step, the intervals, the names, the schedule), an update
+    comes every --grad_acc batches counted over the whole run, across an epoch's end (8 batches an epoch here), and
+    --resume at a window's end continues exactly; one that ends inside a window keeps the windows' places."""
+    def saved_state(run, step):
+        return torch.load(tmp_path / run / f"checkpoint-{step}" / gpt2_ft.STATE_FILE, weights_only=True)
+
+    train(monkeypatch, tiny_dir, tmp_path / "full", "--grad_acc", 3, "--max_step", 12)
+    state = saved_state("full", 12)
+    assert state["step"] == 12 and state["scheduler"]["last_epoch"] == 12  # the schedule moves every batch
+    assert {s["step"] for s in state["optimizer"]["state"].values()} == {4}  # updates at 3, 6, 9 (past 8) and 12
+    assert sorted(p.name for p in (tmp_path / "full").glob("model.*.pt")) == ["model.12.pt", "model.4.pt",
+                                                                              "model.8.pt"]
+    train(monkeypatch, tiny_dir, tmp_path / "split", "--grad_acc", 3, "--max_step", 6)
+    train(monkeypatch, tiny_dir, tmp_path / "split", "--grad_acc", 3, "--max_step", 12, "--resume")
+    full = load_file(tmp_path / "full" / "final" / "adapter.safetensors")
+    resumed = load_file(tmp_path / "split" / "final" / "adapter.safetensors")
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+    # Stopped at batch 8, inside the window 7-9: said, and the next update still comes at batch 9.
+    train(monkeypatch, tiny_dir, tmp_path / "mid", "--grad_acc", 3, "--max_step", 8)
+    capfd.readouterr()
+    train(monkeypatch, tiny_dir, tmp_path / "mid", "--grad_acc", 3, "--max_step", 12, "--resume")
+    assert {s["step"] for s in saved_state("mid", 12)["optimizer"]["state"].values()} == {4}
+    assert "checkpoint-8 ends inside a --grad_acc 3 window" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_cosine_and_constant_schedules_are_microsoft_loras(warmup):
+    """Its CosineAnnealingWarmupRestarts (optimizer.py): linear warm-up, then a cosine over the whole horizon counted
+    from step 0, and lr 0 for the first update even without warm-up (its init_lr runs after the constructor's first
+    step); its `constant` is constant after warm-up."""
+    def lrs(scheduler_name):
+        args, _ = gpt2_ft.parse_args(["--train_data", DEVSET, "--scheduler", scheduler_name, "--warmup_step", warmup,
+                                      "--lr", 0.1])
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+        scheduler, seen = gpt2_ft.make_scheduler(args, optimizer, horizon=10), []
+        for _ in range(12):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    def theirs(step):
+        if step == 0 or step < warmup:
+            return 0.1 * step / warmup if warmup else 0.0
+        return 0.1 * 0.5 * (1 + math.cos(math.pi * min(step, 10) / 10))
+    assert lrs("cosine") == pytest.approx([theirs(step) for step in range(12)], abs=1e-12)
+    assert lrs("constant") == pytest.approx([0.1 * min(1, step / warmup) if warmup else 0.1 for step in range(12)])
+
+
 def test_full_fine_tuning_reports_tokens_and_memory(tmp_path, monkeypatch, tiny_dir, gpt2_tokenizer):
     # One epoch over 64 rows: every non-padding token of every row is trained on exactly once.
     train(monkeypatch, tiny_dir, tmp_path, "--adapter_name", "none", "--max_epoch", 1, "--lr", 1e-3)
@@ -156,6 +208,28 @@ def test_two_process_beam_gives_the_same_file(tmp_path, monkeypatch, tiny_dir, a
     assert (tmp_path / "two" / "predict.jsonl").read_text() == (tmp_path / "one" / "predict.jsonl").read_text()
 
 
+def test_two_process_validation_counts_each_row_once(tmp_path, tiny_dir, gpt2_tokenizer):
+    """10 validation rows in batches of 4 on 2 processes: accelerate repeats 2 rows to even out the batches, and
+    the validation loss still averages every completion token of the 10 rows once (lr 0: the model as loaded)."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", free_port()]
+    cmd = [*launch, REPO / "gpt2_ft.py", "--train_data", DEVSET, "--valid_data", DEVSET, "--model_name_or_path",
+           tiny_dir, "--max_train_examples", 16, "--max_valid_examples", 10, "--valid_batch_size", 4, "--lr", 0,
+           "--warmup_step", 0, "--max_step", 1, "--work_dir", tmp_path]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    valid_loss = json.loads((tmp_path / "train_results.json").read_text())["valid_loss"]
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    rows = gpt2_ft.make_collate(gpt2_tokenizer.eos_token_id)(gpt2_ft.encode(load_e2e(DEVSET), gpt2_tokenizer, 512,
+                                                                            limit=10))
+    with torch.no_grad():
+        expected = gpt2_ft.completion_loss(model, rows, 0.0)[0].item()
+    assert valid_loss == pytest.approx(expected, rel=1e-5)
+
+
 def test_bad_input_is_one_clear_error(tmp_path, monkeypatch, tiny_dir, beam_data):
     from common import UsageError
     data, _ = beam_data
@@ -183,7 +257,7 @@ def test_vera_and_randlora_defaults_follow_their_papers_e2e_code(method, extra, 
     from transformers import GPT2LMHeadModel
     args, _ = gpt2_ft.parse_args(["--train_data", DEVSET, "--adapter_name", method, "--rank", 4, *extra])
     model = GPT2LMHeadModel(tiny_gpt2_config())
-    setup = gpt2_ft.add_adapter(args, model, None)
+    setup = gpt2_ft.add_adapter(args, model, None, [])
     assert setup["targets"] == targets and setup["scaling"] == pytest.approx(scale)
     adapted = [name for name, _ in peft_layers.adapter_layers(model)]
     assert not any(name.endswith("attn.c_proj") for name in adapted)
@@ -199,5 +273,29 @@ def test_lora_on_another_causal_lm_takes_that_architectures_default_layers():
     args, _ = gpt2_ft.parse_args(["--train_data", DEVSET])
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
-    setup = gpt2_ft.add_adapter(args, model, None)
+    setup = gpt2_ft.add_adapter(args, model, None, [])
     assert sorted(setup["targets"]) == ["q_proj", "v_proj"] and setup["notes"] == []
+
+
+def test_the_base_model_trains_without_dropout_of_its_own_as_in_microsoft_lora(tiny_dir, gpt2_tokenizer):
+    """microsoft/LoRA's GPT-2 has no dropout but the adapter's, while Hugging Face's configs say 0.1: by default the
+    base model's own dropout is 0 (said at start), so a training-mode step is random only through the adapter;
+    --model_dropout 0.1 keeps Hugging Face's."""
+    batch = gpt2_ft.make_collate(gpt2_tokenizer.eos_token_id)(
+        gpt2_ft.encode(load_e2e(DEVSET), gpt2_tokenizer, 512, limit=4))
+
+    def two_training_losses(*extra):
+        args, _ = gpt2_ft.parse_args(["--train_data", DEVSET, "--model_name_or_path", tiny_dir, "--lora_dropout", 0,
+                                      *extra])
+        model, _, notes = gpt2_ft.load_model(args)
+        setup = gpt2_ft.add_adapter(args, model, {}, notes)
+        model.train()
+        with torch.no_grad():
+            return [gpt2_ft.completion_loss(model, batch, 0.1)[0].item() for _ in range(2)], setup
+
+    (first, second), setup = two_training_losses()
+    assert first == second
+    assert setup["model_dropout"] == 0 and any(
+        "attn_pdrop 0.1, embd_pdrop 0.1, resid_pdrop 0.1" in note for note in setup["notes"]), setup["notes"]
+    (first, second), setup = two_training_losses("--model_dropout", 0.1)
+    assert first != second and not any("dropout" in note for note in setup["notes"])

@@ -116,6 +116,19 @@ def test_eval_merges_train_unmerges(method, rank, alpha):
     torch.testing.assert_close(layer.weight, base_weight, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("method,rank,alpha", SETTINGS)
+def test_a_model_merged_before_it_moves_unmerges_where_it_went(method, rank, alpha):
+    """run_glue.py's order: from_pretrained gives an eval-mode model, so apply_adapter merges at once; the Trainer
+    then moves it to the GPU and calls train(). The merge snapshot moves with the weights ('meta' stands in for
+    the GPU; tests/test_cuda.py checks the values on a real one)."""
+    model = pl.apply_adapter(bert().eval(), method, rank, alpha)
+    assert all(layer.merged for _, layer in pl.adapter_layers(model))
+    model.to("meta")
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+    model.train()
+    assert not any(layer.merged for _, layer in pl.adapter_layers(model))
+
+
 def test_merged_state_dict_holds_base_weight_and_edits_while_merged_are_safe():
     model = randomize_adapter(pl.apply_adapter(bert(), "lora", 4, 8.0))
     model.train()
