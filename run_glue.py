@@ -55,8 +55,9 @@ HEAD_MODULES = {"bert": ["classifier", "pooler"], "deberta-v2": ["classifier", "
 # RandLoRA's run_glue.py adapts every attention and feed-forward projection of RoBERTa ("query key value dense").
 RANDLORA_TARGETS = {"deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"]}
 RANDLORA_DEFAULT_TARGETS = ["query", "key", "value", "dense"]
-# Trainer flags that older transformers (microsoft/LoRA's and RandLoRA's scripts) spelled differently.
-RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+# Trainer flags that older transformers (microsoft/LoRA's and RandLoRA's scripts) spelled differently. Today's
+# --warmup_steps reads a value below 1 as the ratio, rounded up as --warmup_ratio was.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
 RESULT_FILES = ("eval_results.json", "eval_results_mnli.json", "eval_results_mnli-mm.json", "train_results.json",
                 "adapter_setup.json", "test_results_*.txt")
 
@@ -101,6 +102,14 @@ class ModelArguments:
                 "checkpoint-* in --output_dir unless --overwrite_output_dir"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start training afresh: remove earlier checkpoints and results in --output_dir"})
+    # microsoft/LoRA's NLU scripts pass these; its transformers fork had them in TrainingArguments
+    logging_dir: str | None = field(default=None, metadata={
+        "help": "microsoft/LoRA flag (older transformers): TensorBoard folder; it logs to TensorBoard unless "
+                "--report_to says otherwise, as that transformers did by default"})
+    cls_dropout: float | None = field(default=None, metadata={
+        "help": "microsoft/LoRA flag: dropout before DeBERTa's classifier (config.cls_dropout)"})
+    use_deterministic_algorithms: bool = field(default=False, metadata={
+        "help": "microsoft/LoRA flag: torch.use_deterministic_algorithms(True)"})
 
 
 @dataclass
@@ -207,6 +216,13 @@ def parse_args(argv=None):
     recipe = settle_recipe(model_args, training_args, given, fp16_dropped)
     if "adam_epsilon" not in given and recipe.flag_set.startswith("RandLoRA"):
         training_args.adam_epsilon = 1e-6  # transformers' old AdamW, which RandLoRA's run_glue.py builds itself
+    if model_args.logging_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = model_args.logging_dir
+        if "report_to" not in given:
+            training_args.report_to = ["tensorboard"]
+    if model_args.use_deterministic_algorithms:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # what its scripts export; cuBLAS needs it
+        torch.use_deterministic_algorithms(True)
     return model_args, data_args, training_args, recipe
 
 
@@ -380,6 +396,8 @@ def load_model(model_args, data_args, training_args):
                                                  "label2id": {name: i for i, name in enumerate(task.labels)}}
     config = AutoConfig.from_pretrained(path, num_labels=num_labels, finetuning_task=data_args.task_name,
                                         **label_maps)
+    if model_args.cls_dropout is not None:  # an attribute of microsoft/LoRA's DeBERTa config; read where present
+        config.cls_dropout = model_args.cls_dropout
     tokenizer = AutoTokenizer.from_pretrained(path)
     from transformers.integrations.deepspeed import (
         is_deepspeed_zero3_enabled,

@@ -67,16 +67,18 @@ def expected_mnli_metrics(model_dir, sd, alpha, rank, rows):
     return loss, (logits.argmax(-1) == labels).float().mean().item()
 
 
+MISMATCHED = [[i, 2000 + i, f"{i}m", "travel", "( x )", "( y )", "(ROOT x)", "(ROOT y)", f"A dog ran {i} miles.",
+               f"The dog {['ran', 'sat', 'slept'][i % 2]}.", *[glue_data.TASKS["mnli"].labels[i % 3]] * 6]
+              for i in range(10)]
+
+
 def test_microsoft_lora_eval_command_runs_as_written(roberta_dir, tmp_path):
     from transformers import RobertaForSequenceClassification
 
     sd = loralib_checkpoint(RobertaForSequenceClassification.from_pretrained(roberta_dir), tmp_path / "lora_weights.pt")
     glue = tmp_path / "glue"
     fake_mnli(glue, n=24)
-    mismatched = [[i, 2000 + i, f"{i}m", "travel", "( x )", "( y )", "(ROOT x)", "(ROOT y)", f"A dog ran {i} miles.",
-                   f"The dog {['ran', 'sat', 'slept'][i % 2]}.", *[glue_data.TASKS["mnli"].labels[i % 3]] * 6]
-                  for i in range(10)]
-    write_tsv(glue / "MNLI" / "dev_mismatched.tsv", MNLI_DEV, mismatched)
+    write_tsv(glue / "MNLI" / "dev_mismatched.tsv", MNLI_DEV, MISMATCHED)
     env = dict(os.environ, GLUE_DIR=str(glue), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     command = [PY, "-m", "torch.distributed.launch", "--nproc_per_node=1", str(REPO / "run_glue.py"),
                "--model_name_or_path", roberta_dir, "--task_name", "mnli", "--do_eval", "--apply_lora",
@@ -104,6 +106,34 @@ def test_microsoft_lora_eval_command_runs_as_written(roberta_dir, tmp_path):
     both = json.loads((out / "eval_results.json").read_text())
     assert both["eval_samples"] == 12 and both["eval_samples_mm"] == 10
     assert both["eval_accuracy_mm"] == json.loads((out / "eval_results_mnli-mm.json").read_text())["eval_accuracy"]
+
+
+def test_microsoft_lora_training_script_runs_as_written(roberta_dir, tmp_path):
+    """examples/NLU/roberta_base_mnli.sh's flags as written (30 epochs and 512 tokens cut by flags added at the
+    end): the older Trainer flags it passes (--logging_dir, --warmup_ratio, --evaluation_strategy) and its fork's
+    (--cls_dropout, --use_deterministic_algorithms, from the DeBERTa scripts) keep their meaning."""
+    glue = tmp_path / "glue"
+    fake_mnli(glue, n=24)
+    write_tsv(glue / "MNLI" / "dev_mismatched.tsv", MNLI_DEV, MISMATCHED)
+    env = dict(os.environ, GLUE_DIR=str(glue), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [PY, "-m", "torch.distributed.launch", "--nproc_per_node=1", str(REPO / "run_glue.py"),
+               "--model_name_or_path", roberta_dir, "--task_name", "mnli", "--do_train", "--do_eval",
+               "--max_seq_length", "512", "--per_device_train_batch_size", "16", "--learning_rate", "5e-4",
+               "--num_train_epochs", "30", "--output_dir", "./mnli/model", "--overwrite_output_dir",
+               "--logging_steps", "10", "--logging_dir", "./mnli/log", "--evaluation_strategy", "epoch",
+               "--save_strategy", "epoch", "--warmup_ratio", "0.06", "--apply_lora", "--lora_r", "8",
+               "--lora_alpha", "16", "--seed", "0", "--weight_decay", "0.1",
+               "--cls_dropout", "0.15", "--use_deterministic_algorithms",
+               "--num_train_epochs", "2", "--max_seq_length", "128"]  # the tiny model: 130 positions
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    setup = json.loads((tmp_path / "mnli" / "model" / "adapter_setup.json").read_text())
+    assert (setup["method"], setup["rank"], setup["alpha"]) == ("lora", 8, 16.0)
+    # 24 rows in batches of 16, 2 epochs: 4 steps; a 0.06 warm-up ratio rounds up to 1 step, as before
+    assert "--warmup_steps 0.06" in setup["warmup"]
+    assert list((tmp_path / "mnli" / "log").glob("events.out.tfevents.*"))  # TensorBoard logs where it said
+    config = json.loads(next((tmp_path / "mnli" / "model").glob("checkpoint-*/config.json")).read_text())
+    assert config["cls_dropout"] == 0.15
 
 
 RANDLORA_COMMAND = ("--model_name_or_path {model} --task_name sst2 --do_train --do_eval --max_seq_length 128 "
