@@ -185,6 +185,20 @@ def process_group_backend():
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def recipe_defaults_note(script, theirs, used, spelled):
+    """The start-line note for flags left off the command line whose value here (`used`, the E2E recipe's) differs
+    from microsoft/LoRA's `script` argparse default (`theirs`); None when there is none. Flags used as None do not
+    apply to the run."""
+    def shown(v):
+        return ("on" if v else "off") if isinstance(v, bool) else f"{v:g}" if isinstance(v, float | int) else v
+    differ = [f"--{k} {shown(used[k])} (theirs {shown(v)})" for k, v in theirs.items()
+              if k not in spelled and used[k] is not None and used[k] != v]
+    if not differ:
+        return None
+    return ("note: not given on the command line, so the E2E recipe's values are used where microsoft/LoRA's "
+            f"{script} would take its argparse defaults: " + ", ".join(differ))
+
+
 @contextlib.contextmanager
 def count_saved_for_backward(model):
     """Counts the bytes autograd keeps for backward of what runs inside the block: each saved tensor's storage

@@ -103,7 +103,7 @@ def read_jsonl(path):
         if kind not in (None, row_kind):
             raise DataError(path, f"{row_kind} row in a file of {kind} rows; use one kind per file", line_no)
         kind = row_kind
-        rows.append({"context": context, "completion": completion})
+        rows.append({"context": context, "completion": completion, **({"cate": obj["cate"]} if "cate" in obj else {})})
     return rows
 
 

@@ -46,6 +46,7 @@ from common import (
     check_output_dir,
     dtype_from_flags,
     process_group_backend,
+    recipe_defaults_note,
     run_main,
 )
 from e2e_data import check_limit, group_references, is_token_data, load_causal_lm, load_e2e, load_tokenizer, prompt_ids
@@ -98,6 +99,12 @@ class BeamArguments:
                                                   "help": "set by torch.distributed.launch; read from LOCAL_RANK"})
 
 
+# microsoft/LoRA gpt2_beam.py's argparse defaults where this script follows the E2E recipe's decoding command
+# instead (said at start when left out).
+LORA_ARGPARSE_DEFAULTS = {"beam": 1, "length_penalty": 1.0, "eval_len": 256, "work_dir": "gpt2_model",
+                          "output_file": "beam_prediction.jsonl"}
+
+
 def merge_repeated(argv, flag):
     """`--flag 1 --flag 2` -> `--flag 1 2`: microsoft/LoRA's --eos_token_id is an argparse 'append' flag."""
     rest, values, first = [], [], None
@@ -124,6 +131,7 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     (args,) = HfArgumentParser(BeamArguments, description=__doc__).parse_args_into_dataclasses(
         args=merge_repeated(argv, "--eos_token_id"))
+    spelled = {a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--")}
     dtype_from_flags(args.bf16, args.fp16)
     if min(args.beam, args.batch_size, args.eval_len, args.seq_len) < 1:
         raise UsageError(f"--beam, --batch_size, --eval_len and --seq_len must be at least 1 (got --beam {args.beam}, "
@@ -135,7 +143,7 @@ def parse_args(argv=None):
     check_limit(args.max_examples, "--max_examples")
     if Path(args.output_file).name != args.output_file:
         raise UsageError(f"--output_file {args.output_file!r} is a file name inside --work_dir, not a path")
-    return args
+    return args, spelled
 
 
 def load_model(args, device, token_data=False):
@@ -219,7 +227,9 @@ def generate_batch(model, pad, prompts, args, device, eos_ids):
         max_new_tokens=min(args.eval_len, args.seq_len - longest), min_new_tokens=args.min_length,
         num_beams=args.beam, length_penalty=args.length_penalty, logits_processor=LogitsProcessorList(no_repeat),
         repetition_penalty=args.repetition_penalty, eos_token_id=eos_ids, pad_token_id=pad,
-        do_sample=False, use_cache=True)
+        # generate bans tokens (no-repeat, min length) in log-probabilities; microsoft/LoRA bans them in the logits
+        # and takes the softmax after, so the rest of the beam's tokens share the banned probability
+        renormalize_logits=True, do_sample=False, use_cache=True)
     generated = []
     for row in out[:, longest:].tolist():
         end = next((i for i, t in enumerate(row) if t in eos_ids), None)
@@ -269,7 +279,7 @@ def output_lines(rows, contexts, results, tokenizer, output_format):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, spelled = parse_args(argv)
     out_path = Path(args.work_dir) / args.output_file
     check_output_dir(args.work_dir)
     check_not_input(out_path, args.data, args.init_checkpoint)
@@ -291,6 +301,14 @@ def main(argv=None):
                  no_repeat_ngram_size=args.no_repeat_ngram_size, eval_len=args.eval_len, output_format=output_format)
     if accelerator.is_main_process:
         print("setup: " + json.dumps(setup), flush=True)
+        used = {k: getattr(args, k) for k in LORA_ARGPARSE_DEFAULTS}
+        note = recipe_defaults_note("gpt2_beam.py", LORA_ARGPARSE_DEFAULTS, used, spelled)
+        if note:
+            print(note, flush=True)
+        if args.repetition_penalty != 1.0:
+            print(f"note: --repetition_penalty {args.repetition_penalty:g} is Hugging Face's (it counts the prompt's "
+                  "tokens and scales log-probabilities); microsoft/LoRA's scales the raw logits of generated tokens "
+                  "only, so the two differ", flush=True)
     logger.info("%d lines, %d distinct contexts to decode on %d process(es)", len(rows), len(contexts),
                 accelerator.num_processes)
 

@@ -38,6 +38,15 @@ def clean_prediction(text):
     return one_line(text)
 
 
+def post_process(text, lower=False, tokenize=False):
+    """microsoft/LoRA gpt2_decode.py's --lower, then --tokenize (every non-word character a token of its own)."""
+    if lower:
+        text = text.lower()
+    if tokenize:
+        text = " ".join(" ".join(re.split(r"(\W)", text)).split())
+    return text
+
+
 def read_samples(path, rows, contexts, vocab=None, duplicates="error"):
     """{context: generated text} from gpt2_beam.py output: ours ({"context", "text"}, one line per distinct
     context) or microsoft/LoRA's ({"id": input line, "predict": [token ids]}, one line per input line, decoded
@@ -86,7 +95,7 @@ def _vocab(vocab, sample_file):
 
 
 def write_decode_files(input_file, sample_file, output_ref_file, output_pred_file, ref_type="e2e", ref_num=4,
-                       lower=False, mr_format="lora", vocab=None, duplicates="error"):
+                       lower=False, mr_format="lora", vocab=None, duplicates="error", tokenize=False, keep="all"):
     """Write the reference and prediction files; returns the number of distinct meaning representations.
     Everything is read and checked before the first file is written."""
     for out in (output_ref_file, output_pred_file):
@@ -95,15 +104,18 @@ def write_decode_files(input_file, sample_file, output_ref_file, output_pred_fil
     if is_token_data(rows):
         raise UsageError(f"{input_file} holds token ids: pass the text file they were encoded from "
                          "(e.g. test_formatted.jsonl), whose references the scorer needs")
-    contexts, refs = group_references(rows)
+    if keep != "all":  # WebNLG: the categories seen in training, or the others
+        if any("cate" not in row for row in rows):
+            raise UsageError(f"--filter {keep} needs the `cate` field of every line of {input_file} (WebNLG's "
+                             "formatted JSONL has it)")
+    contexts, refs = group_references([r for r in rows if keep == "all" or bool(r["cate"]) == (keep == "seen")])
     samples = read_samples(sample_file, rows, contexts, vocab, duplicates)
     missing = [c for c in contexts if c not in samples]
     if missing:
         raise UsageError(f"{sample_file} has no prediction for {len(missing)} of {len(contexts)} meaning "
                          f"representations of {input_file} (e.g. {missing[0]!r}); decode the same input file")
-    case = str.lower if lower else str
-    predictions = [case(samples[c]) for c in contexts]
-    references = [[case(clean_prediction(r)) for r in refs[c]] for c in contexts]
+    predictions = [post_process(samples[c], lower, tokenize) for c in contexts]
+    references = [[post_process(clean_prediction(r), lower, tokenize) for r in refs[c]] for c in contexts]
     empty = [c for c, group in zip(contexts, references, strict=True) if not any(group)]
     if empty:
         raise UsageError(f"{input_file}: {len(empty)} meaning representations have only empty references (e.g. "
@@ -112,7 +124,8 @@ def write_decode_files(input_file, sample_file, output_ref_file, output_pred_fil
         raise UsageError(f"some inputs have more than --ref_num {ref_num} references; raise --ref_num")
 
     if ref_type == "e2e":
-        atomic_write_text(output_ref_file, "\n".join("".join(r + "\n" for r in group) for group in references))
+        # each group of references ends with a blank line, the last one too, as microsoft/LoRA writes them
+        atomic_write_text(output_ref_file, "".join("".join(r + "\n" for r in group) + "\n" for group in references))
     else:  # webnlg / dart: one file per reference slot
         for slot in range(ref_num):
             atomic_write_text(Path(output_ref_file) / f"reference{slot}",
@@ -130,6 +143,11 @@ class DecodeArguments:
     ref_type: str = field(default="e2e", metadata={"help": "reference layout", "choices": ["e2e", "webnlg", "dart"]})
     ref_num: int = field(default=4, metadata={"help": "webnlg/dart: number of reference files"})
     lower: bool = field(default=False, metadata={"help": "lower-case references and predictions"})
+    tokenize: bool = field(default=False, metadata={
+        "help": "split off every non-word character as a token (microsoft/LoRA's WebNLG/DART decoding), after --lower"})
+    filter: str = field(default="all", metadata={
+        "help": "WebNLG: keep the inputs whose category was seen in training, the unseen ones, or all (the input "
+                "file's `cate` field)", "choices": ["all", "seen", "unseen"]})
     mr_format: str = field(default="lora", metadata={
         "help": "CSV inputs: meaning-representation layout, as given to gpt2_beam.py", "choices": ["lora", "original"]})
     score: bool = field(default=False, metadata={"help": "score the files with e2e_eval.py (e2e only)"})
@@ -155,7 +173,8 @@ def main(argv=None):
     if args.score and args.ref_type != "e2e":
         raise UsageError("--score runs the E2E metrics and needs --ref_type e2e; score webnlg/dart with their scripts")
     n = write_decode_files(args.input_file, args.sample_file, args.output_ref_file, args.output_pred_file,
-                           args.ref_type, args.ref_num, args.lower, args.mr_format, args.vocab, args.duplicates)
+                           args.ref_type, args.ref_num, args.lower, args.mr_format, args.vocab, args.duplicates,
+                           args.tokenize, args.filter)
     print(f"wrote {n} predictions to {args.output_pred_file} and their references to {args.output_ref_file}")
     if args.score:
         import e2e_eval

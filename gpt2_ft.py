@@ -52,7 +52,15 @@ from transformers import HfArgumentParser, get_scheduler, set_seed
 
 import gpt2_checkpoint
 import peft_layers
-from common import UsageError, atomic_write_json, check_output_dir, dtype_from_flags, process_group_backend, run_main
+from common import (
+    UsageError,
+    atomic_write_json,
+    check_output_dir,
+    dtype_from_flags,
+    process_group_backend,
+    recipe_defaults_note,
+    run_main,
+)
 from e2e_data import check_limit, completion_ids, is_token_data, load_causal_lm, load_e2e, load_tokenizer, prompt_ids
 from legacy_adamw import LegacyAdamW
 
@@ -561,12 +569,9 @@ def describe(args, setup, max_step, accelerator, spelled):
         used = {k: setup["alpha"] if k == "lora_alpha" else getattr(args, k) for k in LORA_ARGPARSE_DEFAULTS}
         if setup["rank"] is None:  # full fine-tuning: no adapter flags apply
             used.update(rank=None, lora_alpha=None, lora_dropout=None)
-        shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else f"{v:g}"  # noqa: E731
-        differ = [f"--{k} {shown(used[k])} (theirs {shown(v)})" for k, v in LORA_ARGPARSE_DEFAULTS.items()
-                  if k not in spelled and used[k] is not None and used[k] != v]
-        if differ:
-            print("note: not given on the command line, so the E2E recipe's values are used where microsoft/LoRA's "
-                  "gpt2_ft.py would take its argparse defaults: " + ", ".join(differ), flush=True)
+        note = recipe_defaults_note("gpt2_ft.py", LORA_ARGPARSE_DEFAULTS, used, spelled)
+        if note:
+            print(note, flush=True)
     return setup
 
 

@@ -1,5 +1,6 @@
 """E2E data conversion (e2e_data.py) and the scorer's file layout written by gpt2_decode.py, on real E2E rows."""
 import json
+import re
 import subprocess
 import sys
 
@@ -81,8 +82,8 @@ def test_decode_writes_the_official_scorer_layout(tmp_path):
     assert gpt2_decode.write_decode_files(data, samples, ref_file, pred_file) == 5
     assert pred_file.read_text().splitlines() == ["The first one.", "Second", "Three lines here", "Four", "Five."]
     _, refs = group_references(load_e2e(data))
-    groups = ref_file.read_text(encoding="utf-8").split("\n\n")
-    assert [g.strip("\n").split("\n") for g in groups] == [refs[c] for c in contexts]
+    # microsoft/LoRA's layout: each group's references, then a blank line (after the last group too)
+    assert ref_file.read_text(encoding="utf-8") == "".join("".join(r + "\n" for r in refs[c]) + "\n" for c in contexts)
     assert e2e_eval.read_references(ref_file) == [refs[c] for c in contexts]  # what the scorer will read
 
     most = max(len(refs[c]) for c in contexts)
@@ -91,6 +92,21 @@ def test_decode_writes_the_official_scorer_layout(tmp_path):
     for slot in (0, most - 1, most):
         lines = (tmp_path / "refs_dir" / f"reference{slot}").read_text(encoding="utf-8").splitlines()
         assert lines == [refs[c][slot].lower() if slot < len(refs[c]) else "" for c in contexts]
+
+    # microsoft/LoRA's WebNLG/DART flags: --tokenize splits off every non-word character (after --lower);
+    # --filter seen|unseen keeps the inputs by their `cate` field
+    seen = set(contexts[::2])
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "cate": r["context"] in seen}) + "\n" for r in rows))
+    assert gpt2_decode.write_decode_files(data, samples, tmp_path / "rt.txt", tmp_path / "pt.txt", lower=True,
+                                          tokenize=True, keep="seen") == 3
+    assert (tmp_path / "pt.txt").read_text().splitlines() == ["the first one .", "three lines here", "five ."]
+    expected = [" ".join(re.findall(r"\w+|[^\w\s]", ref.lower())) for ref in refs[contexts[0]]]
+    assert e2e_eval.read_references(tmp_path / "rt.txt")[0] == expected
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UsageError, match="--filter unseen needs the `cate` field"):
+        gpt2_decode.write_decode_files(dev_subset(tmp_path / "plain")[0], samples, tmp_path / "ru.txt",
+                                       tmp_path / "pu.txt", keep="unseen")
 
     samples.write_text(json.dumps({"id": 0, "context": contexts[0], "text": "x"}) + "\n")
     with pytest.raises(UsageError, match="no prediction for 4 of 5"):

@@ -176,10 +176,15 @@ def beam_data(tmp_path_factory):
 BEAM_FLAGS = ["--beam", 3, "--eval_len", 6, "--min_length", 4, "--no_repeat_ngram_size", 2]
 
 
-def test_beam_output_is_deduplicated_ordered_and_deterministic(tmp_path, monkeypatch, tiny_dir, adapter_dir, beam_data):
+def test_beam_output_is_deduplicated_ordered_and_deterministic(tmp_path, monkeypatch, tiny_dir, adapter_dir, beam_data,
+                                                               capsys):
     data, contexts = beam_data
     common = ["--data", data, "--model_name_or_path", tiny_dir, "--init_checkpoint", adapter_dir, *BEAM_FLAGS]
     run_script(gpt2_beam, monkeypatch, *common, "--batch_size", 4, "--work_dir", tmp_path / "a")
+    # the recipe's values for flags left out, where microsoft/LoRA's gpt2_beam.py has other defaults, are said
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: not given"))
+    assert "--length_penalty 0.8 (theirs 1)" in note and "--output_file predict.jsonl (theirs beam_prediction.jsonl)"\
+        in note and "--beam" not in note and "--eval_len" not in note
     run_script(gpt2_beam, monkeypatch, *common, "--batch_size", 1, "--work_dir", tmp_path / "b")
     run_script(gpt2_beam, monkeypatch, "--data", data, "--model_name_or_path", tiny_dir, *BEAM_FLAGS,
                "--batch_size", 4, "--work_dir", tmp_path / "base")

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -348,3 +349,56 @@ def test_no_repeat_ngram_counts_generated_tokens_only(gpt2_tokenizer):
     ids = torch.tensor([prompt + a_b_c_d + a_b_c_d[:3]])
     ours = gpt2_beam.GeneratedNoRepeatNGram(4, len(prompt))(ids, torch.zeros(1, 50257))
     assert ours[0, a_b_c_d[3]] == -float("inf") and (ours[0] == -float("inf")).sum() == 1
+
+
+def microsoft_lora_beam(model, prompt, beam, eval_len, length_penalty, no_repeat, eos):
+    """microsoft/LoRA gpt2_beam.py's search for one prompt, written out (no KV cache): bans (the no-repeat rule over
+    the generated tokens) act on the logits, then log-softmax; a beam that emits an end token is a finished
+    candidate scored by its sum / length ** length_penalty, and the best candidate or final beam wins."""
+    scores, history, best = torch.zeros(beam), None, (-float("inf"), None)
+    for step in range(eval_len):
+        ids = torch.tensor([prompt] * beam) if history is None else torch.cat([torch.tensor([prompt] * beam),
+                                                                              history], 1)
+        logits = model(ids).logits[:, -1].float()
+        if history is not None and step + 1 >= no_repeat:
+            for row, tokens in enumerate(history.tolist()):
+                prefix = tokens[step + 1 - no_repeat:]
+                for i in range(step - no_repeat + 1):
+                    if tokens[i:i + no_repeat - 1] == prefix:
+                        logits[row, tokens[i + no_repeat - 1]] = -float("inf")
+        logprobs = logits.log_softmax(-1)
+        vocab = logprobs.shape[-1]
+        total = logprobs[0] if history is None else (scores[:, None] + logprobs).view(-1)
+        scores, top = total.topk(beam)
+        rows, tokens = top // vocab, (top % vocab)[:, None]
+        history = tokens if history is None else torch.cat([history[rows], tokens], 1)
+        for row in range(beam):
+            if history[row, -1].item() in eos:
+                best = max(best, (scores[row].item() / history.shape[1] ** length_penalty, history[row].tolist()))
+                scores[row] = -float("inf")
+    for row in range(beam):
+        best = max(best, (scores[row].item() / history.shape[1] ** length_penalty, history[row].tolist()))
+    return best[1]
+
+
+def test_beam_search_bans_tokens_before_the_softmax_as_microsoft_lora(gpt2_tokenizer):
+    """A banned token's probability goes to the rest of its beam's tokens, as in microsoft/LoRA, where the ban acts
+    on the logits before the softmax (generate bans in log-probabilities; renormalize_logits restores it). A peaked
+    random model (logits x 30) makes the no-repeat rule bite; no beam ends here, so the two searches' bookkeeping
+    of finished beams (a documented difference) does not enter."""
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config()).eval()
+    model.lm_head.register_forward_hook(lambda module, args, out: out * 30)
+    args = SimpleNamespace(eval_len=10, seq_len=256, min_length=0, beam=4, length_penalty=0.8,
+                           no_repeat_ngram_size=4, repetition_penalty=1.0)
+    lines = (LORA_E2E / "test.txt").read_text().splitlines()
+    contexts = list(dict.fromkeys(line.split("||")[0] for line in lines))[:8]
+    differ = 0
+    for context in contexts:
+        prompt = gpt2_tokenizer.encode(context) + [EOT]
+        theirs = microsoft_lora_beam(model, prompt, 4, 10, 0.8, 4, [EOT])
+        ours, ended = gpt2_beam.generate_batch(model, EOT, [prompt], args, "cpu", [EOT])[0]
+        assert not ended and ours == theirs, context
+        differ += theirs != microsoft_lora_beam(model, prompt, 4, 10, 0.8, 10**9, [EOT])
+    assert differ >= 2  # the rule changed these searches' outcome, so the test sees where it acts
