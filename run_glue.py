@@ -59,7 +59,7 @@ RANDLORA_DEFAULT_TARGETS = ["query", "key", "value", "dense"]
 # --warmup_steps reads a value below 1 as the ratio, rounded up as --warmup_ratio was.
 RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
 RESULT_FILES = ("eval_results.json", "eval_results_mnli.json", "eval_results_mnli-mm.json", "train_results.json",
-                "adapter_setup.json", "test_results_*.txt")
+                "adapter_setup.json", "test_results_*.txt", "predict_results_*.txt")
 
 
 @dataclass
@@ -701,8 +701,11 @@ def save_adapter_and_head(trainer, model, model_args):
             peft_layers.save_peft(model, out, base_model_name_or_path=model_args.model_name_or_path)
 
 
-def write_predictions(trainer, splits, task_name, output_dir):
+def write_predictions(trainer, splits, task_name, output_dir, recipe):
+    """Test-set predictions, named as the flag set's tool names them: test_results_<task>.txt (microsoft/LoRA's
+    transformers 4.4), predict_results_<task>.txt (RandLoRA's and today's Hugging Face run_glue.py)."""
     task = TASKS[task_name]
+    stem = "test_results" if recipe.flag_set.startswith("microsoft/LoRA") else "predict_results"
     for name in (n for n in splits if n.startswith("test")):
         ds = splits[name]
         logits = trainer.predict(ds.remove_columns("label"), metric_key_prefix="predict").predictions
@@ -713,7 +716,7 @@ def write_predictions(trainer, splits, task_name, output_dir):
         suffix = "-mm" if name.endswith("mismatched") else ""
         if trainer.is_world_process_zero():
             lines = ["index\tprediction"] + [f"{i}\t{p}" for i, p in zip(ds["idx"], predictions, strict=True)]
-            path = os.path.join(output_dir, f"test_results_{task_name}{suffix}.txt")
+            path = os.path.join(output_dir, f"{stem}_{task_name}{suffix}.txt")
             atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -819,7 +822,7 @@ def main(argv=None):
             logger.info("eval results: %s", {k: round(v, 4) for k, v in results.items()
                                              if isinstance(v, float) and k.split("_", 1)[0] in ("eval", "best")})
     if training_args.do_predict:
-        write_predictions(trainer, splits, data_args.task_name, output_dir)
+        write_predictions(trainer, splits, data_args.task_name, output_dir, recipe)
     logger.info("results in %s", os.path.abspath(output_dir))
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()

@@ -262,7 +262,7 @@ def test_saved_adapter_and_head_reproduce_eval_and_test_results(mrpc_run, tiny_m
     predictions = manual_predictions(tiny_models["bert"], out, "mrpc", dev)
     assert results["eval_accuracy"] == pytest.approx(float(np.mean(predictions == np.array(list(dev["label"])))))
 
-    lines = (out / "test_results_mrpc.txt").read_text().splitlines()
+    lines = (out / "predict_results_mrpc.txt").read_text().splitlines()  # RandLoRA's (and HF's) name
     test_rows = glue_data.load_glue("mrpc", ["test"], test_file=test_file)["test"]
     expected = [glue_data.TASKS["mrpc"].labels[p] for p in manual_predictions(tiny_models["bert"], out, "mrpc",
                                                                                 test_rows)]
@@ -368,7 +368,7 @@ def test_mnli_writes_matched_and_mismatched_results(tiny_models, tmp_path):
     assert matched["eval_accuracy"] == both["eval_accuracy"] and matched["eval_samples"] == 12
     assert mismatched["eval_accuracy"] == both["eval_accuracy_mm"] and mismatched["eval_samples"] == 12
     assert "eval_accuracy_mm" not in matched and "best_accuracy_mm" in both
-    for name in ("test_results_mnli.txt", "test_results_mnli-mm.txt"):
+    for name in ("predict_results_mnli.txt", "predict_results_mnli-mm.txt"):
         lines = (out / name).read_text().splitlines()
         assert lines[0] == "index\tprediction"
         assert [ln.split("\t")[0] for ln in lines[1:]] == ["7", "8", "9", "10", "11"]
