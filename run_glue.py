@@ -392,10 +392,7 @@ def load_model(model_args, data_args, training_args):
     task = TASKS[data_args.task_name]
     path = resolve_model_path(model_args.model_name_or_path)
     num_labels = 1 if task.labels is None else len(task.labels)
-    label_maps = {} if task.labels is None else {"id2label": dict(enumerate(task.labels)),
-                                                 "label2id": {name: i for i, name in enumerate(task.labels)}}
-    config = AutoConfig.from_pretrained(path, num_labels=num_labels, finetuning_task=data_args.task_name,
-                                        **label_maps)
+    config = AutoConfig.from_pretrained(path, num_labels=num_labels, finetuning_task=data_args.task_name)
     if model_args.cls_dropout is not None:  # an attribute of microsoft/LoRA's DeBERTa config; read where present
         config.cls_dropout = model_args.cls_dropout
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -420,11 +417,33 @@ def load_model(model_args, data_args, training_args):
                          f"({num_labels}); pass --ignore_mismatched_sizes to start a new head") from None
     if zero3_config is not None:
         set_hf_deepspeed_config(zero3_config)
+    if task.labels is not None:
+        to_task_label_order(model, task.labels)
     return model, tokenizer
 
 
 def head_modules(model):
     return HEAD_MODULES.get(model.config.model_type, ["classifier"])
+
+
+def to_task_label_order(model, labels):
+    """Give the model the task's label ids (nyu-mll/glue order). A checkpoint that names the task's labels in
+    another order (roberta-large-mnli: CONTRADICTION 0, NEUTRAL 1, ENTAILMENT 2) keeps its meaning: its
+    classifier's output rows are put in the task's order, which is what both source tools' label remapping
+    amounts to (metrics, F1's positive class and prediction names then all read the task's ids)."""
+    named = {str(name).lower(): int(i) for name, i in (model.config.label2id or {}).items()}
+    order = [named[label] for label in labels] if sorted(named) == sorted(labels) else None
+    if order is not None and order != list(range(len(labels))):
+        head = tuple(head_modules(transformers_model(model)))
+        with torch.no_grad():
+            for name, param in transformers_model(model).named_parameters():
+                if name.startswith(head) and param.shape[0] == len(labels):  # the output layer's rows
+                    param.copy_(param[order])
+        logger.info("the checkpoint names its labels in another order (%s): its classifier's outputs are put in "
+                    "the task's order (%s)", ", ".join(f"{n} {i}" for n, i in sorted(named.items(), key=lambda kv:
+                                                                                   kv[1])), ", ".join(labels))
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
 
 
 def matches(name, suffixes):

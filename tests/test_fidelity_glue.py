@@ -283,3 +283,27 @@ def test_new_head_starts_from_another_tasks_adapter_with_a_fresh_head(tmp_path):
     assert all(torch.equal(p, head_before[n]) for n, p in mrpc.named_parameters() if "classifier" in n)
     with pytest.raises(peft_layers.AdapterError, match="classifier"):  # without --new_head the head must fit
         peft_layers.load_adapter(adapted(2, 1), tmp_path / "mnli")
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_a_checkpoint_that_names_its_labels_keeps_their_meaning(arch, tmp_path):
+    """roberta-large-mnli names its labels CONTRADICTION 0, NEUTRAL 1, ENTAILMENT 2; GLUE's MNLI ids are entailment
+    0, neutral 1, contradiction 2. Both source tools map the task's labels to the checkpoint's ids; here the
+    classifier's outputs are put in the task's order, so each task label still gets the logit it had."""
+    from conftest import tiny_bert_config
+    from transformers import BertForSequenceClassification, RobertaForSequenceClassification
+    named = {"CONTRADICTION": 0, "NEUTRAL": 1, "ENTAILMENT": 2}
+    config = {"bert": tiny_bert_config, "roberta": tiny_roberta_config}[arch](
+        num_labels=3, label2id=named, id2label={i: n for n, i in named.items()})
+    torch.manual_seed(0)
+    original = {"bert": BertForSequenceClassification, "roberta": RobertaForSequenceClassification}[arch](config)
+    path = save_tiny(tmp_path / "named", original.eval())
+    model_args, data_args, training_args, _ = run_glue.parse_args(
+        ["--model_name_or_path", path, "--task_name", "mnli", "--do_eval", "--output_dir", tmp_path / "out"])
+    model, _ = run_glue.load_model(model_args, data_args, training_args)
+    ids = torch.randint(5, 100, (2, 7))
+    with torch.no_grad():
+        before, after = original(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+    order = [named[label.upper()] for label in glue_data.TASKS["mnli"].labels]  # entailment -> its id 2, ...
+    torch.testing.assert_close(after, before[:, order])
+    assert model.config.id2label == dict(enumerate(glue_data.TASKS["mnli"].labels))
