@@ -72,19 +72,27 @@ MISMATCHED = [[i, 2000 + i, f"{i}m", "travel", "( x )", "( y )", "(ROOT x)", "(R
               for i in range(10)]
 
 
-def test_microsoft_lora_eval_command_runs_as_written(roberta_dir, tmp_path):
-    from transformers import RobertaForSequenceClassification
-
-    sd = loralib_checkpoint(RobertaForSequenceClassification.from_pretrained(roberta_dir), tmp_path / "lora_weights.pt")
+def launch_on_fake_mnli(tmp_path, *script_args):
+    """`python -m torch.distributed.launch --nproc_per_node=1 run_glue.py ARGS` in tmp_path, GLUE_DIR a small MNLI."""
     glue = tmp_path / "glue"
     fake_mnli(glue, n=24)
     write_tsv(glue / "MNLI" / "dev_mismatched.tsv", MNLI_DEV, MISMATCHED)
     env = dict(os.environ, GLUE_DIR=str(glue), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     command = [PY, "-m", "torch.distributed.launch", "--nproc_per_node=1", str(REPO / "run_glue.py"),
-               "--model_name_or_path", roberta_dir, "--task_name", "mnli", "--do_eval", "--apply_lora",
-               "--lora_r", "8", "--lora_alpha", "16", "--lora_path", "./lora_weights.pt"]
+               *map(str, script_args)]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_microsoft_lora_eval_command_runs_as_written(roberta_dir, tmp_path):
+    from transformers import RobertaForSequenceClassification
+
+    sd = loralib_checkpoint(RobertaForSequenceClassification.from_pretrained(roberta_dir), tmp_path / "lora_weights.pt")
+    proc = launch_on_fake_mnli(tmp_path, "--model_name_or_path", roberta_dir, "--task_name", "mnli", "--do_eval",
+                               "--apply_lora", "--lora_r", "8", "--lora_alpha", "16",
+                               "--lora_path", "./lora_weights.pt")
+    glue = tmp_path / "glue"
 
     out = tmp_path / "glue_output" / "mnli_lora8"  # no --output_dir: the default, and the run says where
     assert "no --output_dir given: results go to glue_output/mnli_lora8" in proc.stderr
@@ -112,21 +120,15 @@ def test_microsoft_lora_training_script_runs_as_written(roberta_dir, tmp_path):
     """examples/NLU/roberta_base_mnli.sh's flags as written (30 epochs and 512 tokens cut by flags added at the
     end): the older Trainer flags it passes (--logging_dir, --warmup_ratio, --evaluation_strategy) and its fork's
     (--cls_dropout, --use_deterministic_algorithms, from the DeBERTa scripts) keep their meaning."""
-    glue = tmp_path / "glue"
-    fake_mnli(glue, n=24)
-    write_tsv(glue / "MNLI" / "dev_mismatched.tsv", MNLI_DEV, MISMATCHED)
-    env = dict(os.environ, GLUE_DIR=str(glue), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [PY, "-m", "torch.distributed.launch", "--nproc_per_node=1", str(REPO / "run_glue.py"),
-               "--model_name_or_path", roberta_dir, "--task_name", "mnli", "--do_train", "--do_eval",
-               "--max_seq_length", "512", "--per_device_train_batch_size", "16", "--learning_rate", "5e-4",
-               "--num_train_epochs", "30", "--output_dir", "./mnli/model", "--overwrite_output_dir",
-               "--logging_steps", "10", "--logging_dir", "./mnli/log", "--evaluation_strategy", "epoch",
-               "--save_strategy", "epoch", "--warmup_ratio", "0.06", "--apply_lora", "--lora_r", "8",
-               "--lora_alpha", "16", "--seed", "0", "--weight_decay", "0.1",
-               "--cls_dropout", "0.15", "--use_deterministic_algorithms",
-               "--num_train_epochs", "2", "--max_seq_length", "128"]  # the tiny model: 130 positions
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_on_fake_mnli(
+        tmp_path, "--model_name_or_path", roberta_dir, "--task_name", "mnli", "--do_train", "--do_eval",
+        "--max_seq_length", "512", "--per_device_train_batch_size", "16", "--learning_rate", "5e-4",
+        "--num_train_epochs", "30", "--output_dir", "./mnli/model", "--overwrite_output_dir",
+        "--logging_steps", "10", "--logging_dir", "./mnli/log", "--evaluation_strategy", "epoch",
+        "--save_strategy", "epoch", "--warmup_ratio", "0.06", "--apply_lora", "--lora_r", "8",
+        "--lora_alpha", "16", "--seed", "0", "--weight_decay", "0.1",
+        "--cls_dropout", "0.15", "--use_deterministic_algorithms",
+        "--num_train_epochs", "2", "--max_seq_length", "128")  # the tiny model: 130 positions
     setup = json.loads((tmp_path / "mnli" / "model" / "adapter_setup.json").read_text())
     assert (setup["method"], setup["rank"], setup["alpha"]) == ("lora", 8, 16.0)
     # 24 rows in batches of 16, 2 epochs: 4 steps; a 0.06 warm-up ratio rounds up to 1 step, as before
