@@ -137,6 +137,15 @@ def found_tasks(roots, nseeds):
     return [t for t in TASKS if t in present]
 
 
+def task_set_note(tasks):
+    """RandLoRA's parser always averages its six tasks; an average over the task folders found is another number."""
+    missing = [t for t in RANDLORA_ORDER if t not in tasks]
+    extra = [t for t in tasks if t not in RANDLORA_ORDER]
+    parts = ([f"without {' '.join(missing)}"] if missing else []) + ([f"with {' '.join(extra)}"] if extra else [])
+    return (f"note: avg is over the {len(tasks)} task(s) found ({' '.join(tasks)}), {' and '.join(parts)}: not the "
+            f"average RandLoRA's parser gives over {' '.join(RANDLORA_ORDER)}; --tasks chooses the set")
+
+
 def report_metrics(task, stsb_metric="combined_score"):
     return (stsb_metric,) if task == "stsb" else TASKS[task].report
 
@@ -316,14 +325,16 @@ def render_randlora(per_root, roots, tasks, nseeds, std):
     for root, name in zip(roots, column_names(roots), strict=True):
         values = per_root[root]
         cells = []
-        for task in order:
+        for task in order:  # its parser stops at a missing run; here a partial cell says how many seeds it has
             cell = summarize(list(values[(task, report_metrics(task)[0])].values()), "mean", std)
-            cells.append("-" if cell is None else f"{cell[0]:.1f} $\\pm$ {cell[1]:.1f}")
+            cells.append("-" if cell is None else f"{cell[0]:.1f} $\\pm$ {cell[1]:.1f}"
+                         + (f" ({cell[2]}/{nseeds})" if cell[2] < nseeds else ""))
         complete = [s for s in range(1, nseeds + 1) if all(s in values[(t, report_metrics(t)[0])] for t in order)]
         if complete:
             per_seed = [np.mean([values[(t, report_metrics(t)[0])][s] for t in order]) for s in complete]
             spread = float(np.std(per_seed, ddof=ddof)) if len(per_seed) > ddof else 0.0
-            cells.append(f"{np.mean(per_seed):.1f} $\\pm$ {spread:.1f}")
+            cells.append(f"{np.mean(per_seed):.1f} $\\pm$ {spread:.1f}"
+                         + (f" (seeds {' '.join(map(str, complete))})" if len(complete) < nseeds else ""))
         else:
             cells.append("-")
         lines.append(" & ".join([name.replace("_", "\\_")] + cells) + " \\\\")
@@ -504,6 +515,8 @@ def main(argv=None):
         if not tasks:
             raise UsageError(f"no GLUE task folders or {E2E_FILE} under {' '.join(args.roots)} for seeds "
                              f"1..{args.nseeds} (expected ROOT/<seed>/<task>/eval_results.json)")
+        if not args.tasks and set(tasks) != set(RANDLORA_ORDER):
+            print(task_set_note(tasks), file=sys.stderr)
         row_specs = glue_rows(tasks, stsb)
     rows, missing, per_root = build_table(args.roots, args.nseeds, row_specs, args.stat, args.std, args.best)
     report_missing(missing, args.strict)

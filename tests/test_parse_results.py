@@ -7,6 +7,7 @@ import pytest
 
 import parse_results
 from common import run_main
+from parse_results import RANDLORA_ORDER
 
 # seed -> eval values (x100 in the table); best_* values are these + 0.01
 LORA = {
@@ -152,6 +153,23 @@ def test_randlora_layout_matches_its_parser(tmp_path, capsys):
     assert row == "randlora64 & " + " & ".join(cells) + " \\\\"
     assert row == ("randlora64 & 91.0 $\\pm$ 1.0 & 86.0 $\\pm$ 1.0 & 59.0 $\\pm$ 1.0 & 91.0 $\\pm$ 0.0 & "
                    "72.0 $\\pm$ 2.0 & 90.0 $\\pm$ 0.0 & 81.5 $\\pm$ 0.5 \\\\")
+
+
+def test_a_task_set_other_than_randloras_is_said_and_partial_cells_are_marked(tmp_path, capsys):
+    """RandLoRA's parser averages exactly its six tasks and stops at a missing run. Here an average over another
+    set of task folders (one never run, one extra) says so, and in its layout a cell or an average from fewer seeds
+    says which."""
+    root = write_tree(tmp_path / "randlora64", {**RANDLORA_TREE, "rte": [0.70], "wnli": [0.40, 0.40]})
+    (root / "1" / "rte").rename(root / "1" / "skipped")  # rte never ran; mrpc lacks seed 2 below
+    (root / "2" / "mrpc" / "eval_results.json").unlink()
+    out, err = run([root, 2, "--format", "randlora"], capsys)
+    assert ("note: avg is over the 6 task(s) found (cola sst2 mrpc stsb qnli wnli), without rte and with wnli: not "
+            "the average RandLoRA's parser gives") in err
+    header, row = out.splitlines()
+    assert header == "sst2 mrpc cola qnli stsb wnli avg"
+    assert "& 85.0 $\\pm$ 0.0 (1/2) &" in row and row.endswith("(seeds 1) \\\\")
+    _, err = run([root, 2, "--tasks", *RANDLORA_ORDER], capsys)  # the set chosen: no note, rte reported missing
+    assert "note: avg" not in err and f"{root}/1/rte/eval_results.json (no such file)" in err
 
 
 def test_paper_randlora_prints_the_published_numbers_and_the_difference(tmp_path, capsys):
