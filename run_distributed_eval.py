@@ -231,21 +231,23 @@ def split_files(data_dir, type_path, need_targets):
                      f"--type_path should be one of: {', '.join(splits) or '(no data files there)'}")
 
 
-def _read_lines(path, what):
+def _read_lines(path, what, strip):
+    """The lines of a text file; `strip` removes trailing whitespace (the legacy script strips its targets but
+    keeps a source's trailing blanks, which BPE tokenizers encode as tokens)."""
     lines = read_text(path, what).split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
-    return [line.rstrip() for line in lines]
+    return [line.rstrip() for line in lines] if strip else lines
 
 
 def read_examples(files, *, src_lang=None, tgt_lang=None, source_key="document", target_key="summary",
                   need_targets=True):
     """Sources and targets (None when not needed) from split_files' line files or JSON lines."""
     if files[0].suffix == ".source":
-        sources = _read_lines(files[0], "source file")
+        sources = _read_lines(files[0], "source file", strip=False)
         if not need_targets:
             return sources, None
-        targets = _read_lines(files[1], "target file")
+        targets = _read_lines(files[1], "target file", strip=True)
         if len(targets) != len(sources):
             raise UsageError(f"{files[0]} has {len(sources)} lines but {files[1]} has {len(targets)}; they must "
                              "be line-aligned (one example per line)")
@@ -387,11 +389,14 @@ def generation_settings(args, model, tokenizer, generate_kwargs):
     n_return = args.num_return_sequences
     if n_return > 1:
         kwargs["num_return_sequences"] = n_return
-        if not kwargs.get("do_sample"):  # beam search returns at most num_beams sequences
-            kwargs["num_beams"] = max(n_return, kwargs.get("num_beams", 1))
+        defaults = model.generation_config  # the model's own settings, where neither the task nor the flags say
+        if not kwargs.get("do_sample", defaults.do_sample):  # beam search returns at most num_beams sequences
+            kwargs["num_beams"] = max(n_return, kwargs.get("num_beams", defaults.num_beams or 1))
     if kwargs:
         logger.info(f"generate kwargs: {kwargs}")
-    return Generation(prefix=args.prefix if args.prefix is not None else task_params.get("prefix", ""),
+    # As the legacy script: the task's prefix, else the model config's own (BART configs: " "), else none.
+    prefix = args.prefix or task_params.get("prefix", getattr(model.config, "prefix", None)) or ""
+    return Generation(prefix=prefix,
                       kwargs=kwargs, n_return=n_return,
                       max_source_length=args.max_source_length or min(
                           tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 10**9))

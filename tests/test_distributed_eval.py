@@ -392,3 +392,23 @@ def test_both_local_rank_spellings_are_accepted(spelling):
     """Old torch.distributed.launch passed --local_rank=N, torch >= 2.0 passes --local-rank=N."""
     args, generate_kwargs = rde.parse_args(["--model_name", "m", "--data_dir", "d", *spelling])
     assert args.local_rank == 1 and generate_kwargs == {}
+
+
+def test_settings_and_sources_as_the_legacy_script_reads_them(bart_dir, tmp_path):
+    """Where neither the task's settings nor the flags say: the model config's own prefix (BART hub configs carry
+    " ", which changes the first BPE token) and its own num_beams (raised only when --num_return_sequences asks
+    for more); a source line keeps its trailing blanks (a BPE token), a target is stripped."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(bart_dir), AutoTokenizer.from_pretrained(bart_dir)
+    model.config.prefix, model.generation_config.num_beams = " ", 4
+    common = ["--model_name", str(bart_dir), "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "out"),
+              "--task", "translation"]
+    args, kwargs = rde.parse_args([*common, "--num_return_sequences", "2"])
+    settings = rde.generation_settings(args, model, tokenizer, kwargs)
+    assert settings.prefix == " " and settings.kwargs["num_beams"] == 4
+    args, kwargs = rde.parse_args([*common, "--prefix", "translate: "])
+    assert rde.generation_settings(args, model, tokenizer, kwargs).prefix == "translate: "
+    (tmp_path / "test.source").write_text("Hello. \nWorld\t\n")
+    (tmp_path / "test.target").write_text("Salut. \nLume\t\n")
+    sources, targets = rde.read_examples([tmp_path / "test.source", tmp_path / "test.target"])
+    assert sources == ["Hello. ", "World\t"] and targets == ["Salut.", "Lume"]
