@@ -493,6 +493,11 @@ def add_adapter(model, recipe, model_args):
         targets = adapter_targets(model, recipe, heads)
         peft_layers.apply_adapter(model, recipe.method, recipe.rank, effective_alpha(model, recipe, targets),
                                   targets, recipe.dropout, seed=recipe.projection_seed, modules_to_save=heads)
+        if recipe.flag_set.startswith("microsoft/LoRA") and model.config.model_type == "deberta-v2":
+            # its DeBERTa's _init_weights draws lora_A from N(0, initializer_range), not loralib's Kaiming-uniform
+            with torch.no_grad():
+                for _, layer in peft_layers.adapter_layers(model):
+                    layer.lora_A.normal_(0.0, model.config.initializer_range)
     if model_args.adapter_path:
         try:  # without adapter flags, the checkpoint's own config decides which adapter is built
             if model_args.new_head:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_glue import MNLI_DEV, fake_mnli, save_tiny, write_tsv
 
 import glue_data
+import peft_layers
 import run_glue
 from common import run_main
 
@@ -309,3 +310,22 @@ def test_a_checkpoint_that_names_its_labels_keeps_their_meaning(arch, tmp_path):
     order = [named[label.upper()] for label in glue_data.TASKS["mnli"].labels]  # entailment -> its id 2, ...
     torch.testing.assert_close(after, before[:, order])
     assert model.config.id2label == dict(enumerate(glue_data.TASKS["mnli"].labels))
+
+
+def test_microsoft_lora_flags_on_deberta_draw_lora_a_as_its_deberta_does(tmp_path):
+    """microsoft/LoRA's DeBERTa-v2 _init_weights draws lora_A from N(0, initializer_range); loralib's Kaiming-uniform
+    (its RoBERTa, std 1 / sqrt(3 in) = 0.10 here) stays for other models."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, RobertaForSequenceClassification
+    torch.manual_seed(0)
+    deberta = DebertaV2Config(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=128, num_labels=2, initializer_range=0.02)
+    models = {"deberta": DebertaV2ForSequenceClassification(deberta),
+              "roberta": RobertaForSequenceClassification(tiny_roberta_config(num_labels=2))}
+    stds = {}
+    for name, model in models.items():
+        model_args, data_args, training_args, recipe = run_glue.parse_args(
+            ["--model_name_or_path", save_tiny(tmp_path / name, model), "--task_name", "rte", "--do_train",
+             "--apply_lora", "--lora_r", "8", "--lora_alpha", "16", "--output_dir", tmp_path / name / "out"])
+        adapted = run_glue.add_adapter(run_glue.load_model(model_args, data_args, training_args)[0], recipe, model_args)
+        stds[name] = torch.cat([layer.lora_A.flatten() for _, layer in peft_layers.adapter_layers(adapted)]).std()
+    assert 0.017 < stds["deberta"] < 0.023 and 0.08 < stds["roberta"] < 0.12, stds
