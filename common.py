@@ -185,6 +185,11 @@ def process_group_backend():
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def flags_given(argv):
+    """The flag names on a command line, as dataclass field names (--local-rank=0 -> local_rank)."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
 def recipe_defaults_note(script, theirs, used, spelled):
     """The start-line note for flags left off the command line whose value here (`used`, the E2E recipe's) differs
     from microsoft/LoRA's `script` argparse default (`theirs`); None when there is none. Flags used as None do not

@@ -45,6 +45,7 @@ from common import (
     check_not_input,
     check_output_dir,
     dtype_from_flags,
+    flags_given,
     process_group_backend,
     recipe_defaults_note,
     run_main,
@@ -131,7 +132,7 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     (args,) = HfArgumentParser(BeamArguments, description=__doc__).parse_args_into_dataclasses(
         args=merge_repeated(argv, "--eos_token_id"))
-    spelled = {a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--")}
+    spelled = flags_given(argv)
     dtype_from_flags(args.bf16, args.fp16)
     if min(args.beam, args.batch_size, args.eval_len, args.seq_len) < 1:
         raise UsageError(f"--beam, --batch_size, --eval_len and --seq_len must be at least 1 (got --beam {args.beam}, "

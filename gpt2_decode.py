@@ -104,10 +104,9 @@ def write_decode_files(input_file, sample_file, output_ref_file, output_pred_fil
     if is_token_data(rows):
         raise UsageError(f"{input_file} holds token ids: pass the text file they were encoded from "
                          "(e.g. test_formatted.jsonl), whose references the scorer needs")
-    if keep != "all":  # WebNLG: the categories seen in training, or the others
-        if any("cate" not in row for row in rows):
-            raise UsageError(f"--filter {keep} needs the `cate` field of every line of {input_file} (WebNLG's "
-                             "formatted JSONL has it)")
+    if keep != "all" and any("cate" not in row for row in rows):  # WebNLG: categories seen in training, or not
+        raise UsageError(f"--filter {keep} needs the `cate` field of every line of {input_file} (WebNLG's "
+                         "formatted JSONL has it)")
     contexts, refs = group_references([r for r in rows if keep == "all" or bool(r["cate"]) == (keep == "seen")])
     samples = read_samples(sample_file, rows, contexts, vocab, duplicates)
     missing = [c for c in contexts if c not in samples]

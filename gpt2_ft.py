@@ -57,6 +57,7 @@ from common import (
     atomic_write_json,
     check_output_dir,
     dtype_from_flags,
+    flags_given,
     process_group_backend,
     recipe_defaults_note,
     run_main,
@@ -405,7 +406,7 @@ def parse_args(argv=None):
         raise UsageError("--warmup_step must be >= 0, --lora_dropout, --model_dropout and --label_smooth in [0, 1)")
     check_limit(args.max_train_examples, "--max_train_examples")
     check_limit(args.max_valid_examples, "--max_valid_examples")
-    spelled = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    spelled = flags_given(argv)
     spelled |= {"rank"} if "lora_dim" in spelled else set()
     spelled |= {"seed"} if "random_seed" in spelled else set()
     spelled |= {"correct_bias"} if "no_correct_bias" in spelled else set()

@@ -44,7 +44,16 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 import peft_layers
-from common import UsageError, atomic_write_json, atomic_write_text, check_output_dir, finite_number, one_line, run_main
+from common import (
+    UsageError,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    finite_number,
+    flags_given,
+    one_line,
+    run_main,
+)
 from glue_data import TASKS, compute_glue_metrics, get_task, load_glue, subsample
 
 logger = logging.getLogger("run_glue")
@@ -148,11 +157,6 @@ class Recipe:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
-
-
-def flags_given(argv):
-    """The flag names on a command line, as dataclass field names (--local-rank=0 -> local_rank)."""
-    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def drop_fp16_without_gpu(argv):
@@ -434,14 +438,14 @@ def to_task_label_order(model, labels):
     named = {str(name).lower(): int(i) for name, i in (model.config.label2id or {}).items()}
     order = [named[label] for label in labels] if sorted(named) == sorted(labels) else None
     if order is not None and order != list(range(len(labels))):
-        head = tuple(head_modules(transformers_model(model)))
+        head = tuple(head_modules(model))
         with torch.no_grad():
-            for name, param in transformers_model(model).named_parameters():
+            for name, param in model.named_parameters():
                 if name.startswith(head) and param.shape[0] == len(labels):  # the output layer's rows
                     param.copy_(param[order])
+        theirs = ", ".join(f"{name} {i}" for name, i in sorted(named.items(), key=lambda item: item[1]))
         logger.info("the checkpoint names its labels in another order (%s): its classifier's outputs are put in "
-                    "the task's order (%s)", ", ".join(f"{n} {i}" for n, i in sorted(named.items(), key=lambda kv:
-                                                                                   kv[1])), ", ".join(labels))
+                    "the task's order (%s)", theirs, ", ".join(labels))
     model.config.id2label = dict(enumerate(labels))
     model.config.label2id = {name: i for i, name in enumerate(labels)}
 

@@ -246,6 +246,10 @@ def bench_step(args):
     model.train()
     adapters = {id(layer.dropout) for _, layer in peft_layers.adapter_layers(model)}
     model_dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and id(m) not in adapters]
+
+    def set_model_dropout(p):
+        for m in model_dropouts:
+            m.p = p
     optimizer = gpt2_ft.LegacyAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     # name -> (loss, the base model's own dropout)
     ways = {"full_logits": (gpt2_ft.full_completion_loss, 0.0), "label_positions": (gpt2_ft.completion_loss, 0.0),
@@ -256,8 +260,7 @@ def bench_step(args):
         for batch in batches:
             for name in (list(ways) if repeat % 2 == 0 else list(ways)[::-1]):  # alternate which goes first
                 loss_fn, dropout = ways[name]
-                for m in model_dropouts:
-                    m.p = dropout
+                set_model_dropout(dropout)
                 start = time.process_time()
                 loss, _ = loss_fn(model, batch, 0.1)
                 loss.backward()
@@ -266,8 +269,7 @@ def bench_step(args):
                 cpu[name] += time.process_time() - start
     saved = {}  # bytes autograd keeps for backward of the first batch's step, each way (exact, repeatable)
     for name, (loss_fn, dropout) in ways.items():
-        for m in model_dropouts:
-            m.p = dropout
+        set_model_dropout(dropout)
         with count_saved_for_backward(model) as kept:
             loss, _ = loss_fn(model, batches[0], 0.1)
         loss.backward()

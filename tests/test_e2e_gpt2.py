@@ -198,33 +198,31 @@ def test_beam_output_is_deduplicated_ordered_and_deterministic(tmp_path, monkeyp
     assert [b["token_ids"] for b in base] != [line["token_ids"] for line in lines]  # the adapter was merged in
 
 
+def launch_two_processes(script, *args):
+    """`accelerate launch --multi_gpu --num_processes 2 SCRIPT ARGS` on the CPU (gloo), from the repository."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", free_port(), REPO / script, *args]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_process_beam_gives_the_same_file(tmp_path, monkeypatch, tiny_dir, adapter_dir, beam_data):
     data, _ = beam_data
     common = ["--data", data, "--model_name_or_path", tiny_dir, "--init_checkpoint", adapter_dir, *BEAM_FLAGS,
               "--batch_size", 2]
     run_script(gpt2_beam, monkeypatch, *common, "--work_dir", tmp_path / "one")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", free_port()]
-    cmd = [*launch, REPO / "gpt2_beam.py", *common, "--work_dir", tmp_path / "two"]
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes("gpt2_beam.py", *common, "--work_dir", tmp_path / "two")
     assert (tmp_path / "two" / "predict.jsonl").read_text() == (tmp_path / "one" / "predict.jsonl").read_text()
 
 
 def test_two_process_validation_counts_each_row_once(tmp_path, tiny_dir, gpt2_tokenizer):
     """10 validation rows in batches of 4 on 2 processes: accelerate repeats 2 rows to even out the batches, and
     the validation loss still averages every completion token of the 10 rows once (lr 0: the model as loaded)."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", free_port()]
-    cmd = [*launch, REPO / "gpt2_ft.py", "--train_data", DEVSET, "--valid_data", DEVSET, "--model_name_or_path",
-           tiny_dir, "--max_train_examples", 16, "--max_valid_examples", 10, "--valid_batch_size", 4, "--lr", 0,
-           "--warmup_step", 0, "--max_step", 1, "--work_dir", tmp_path]
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes("gpt2_ft.py", "--train_data", DEVSET, "--valid_data", DEVSET, "--model_name_or_path",
+                         tiny_dir, "--max_train_examples", 16, "--max_valid_examples", 10, "--valid_batch_size", 4,
+                         "--lr", 0, "--warmup_step", 0, "--max_step", 1, "--work_dir", tmp_path)
     valid_loss = json.loads((tmp_path / "train_results.json").read_text())["valid_loss"]
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
