@@ -68,7 +68,8 @@ RANDLORA_DEFAULT_TARGETS = ["query", "key", "value", "dense"]
 # --warmup_steps reads a value below 1 as the ratio, rounded up as --warmup_ratio was.
 RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
 RESULT_FILES = ("eval_results.json", "eval_results_mnli.json", "eval_results_mnli-mm.json", "train_results.json",
-                "adapter_setup.json", "test_results_*.txt", "predict_results_*.txt")
+                "all_results.json", "trainer_state.json", "adapter_setup.json", "test_results_*.txt",
+                "predict_results_*.txt")
 
 
 @dataclass
@@ -688,7 +689,9 @@ def main_score(evaluation, task_name):
     return float("-inf") if math.isnan(value) else value
 
 
-def write_eval_results(output_dir, task_name, final, best, sizes):
+def write_eval_results(output_dir, task_name, final, best, sizes, train_metrics):
+    """eval_results.json (and MNLI's per-set files), after all_results.json: the training and evaluation metrics
+    in one file, as Hugging Face's run_glue.py leaves them."""
     main_metric = "eval_" + TASKS[task_name].report[0]
     results = {k: v for k, v in final.items() if k.startswith("eval_") or k == "epoch"}
     results.update(sizes)
@@ -697,6 +700,7 @@ def write_eval_results(output_dir, task_name, final, best, sizes):
     timings = ("runtime", "per_second", "preparation_time")
     results.update({"best_" + k[len("eval_"):]: v for k, v in best.items()
                     if k.startswith("eval_") and not any(t in k for t in timings)})
+    atomic_write_json(os.path.join(output_dir, "all_results.json"), {**train_metrics, **results})
     atomic_write_json(os.path.join(output_dir, "eval_results.json"), results)
     if task_name == "mnli" and "eval_accuracy_mm" in results:
         # The original run_glue's per-set files: matched and mismatched, each with plain eval_* keys.
@@ -783,7 +787,8 @@ def build_trainer(model, tokenizer, splits, recipe, model_args, data_args, train
 
 
 def train(trainer, splits, resume, model_args):
-    """Train (continuing from `resume`), then save the adapter with its head and train_results.json."""
+    """Train (continuing from `resume`), then save the adapter with its head, train_results.json and (as Hugging
+    Face's run_glue.py does) trainer_state.json; returns the training metrics."""
     if resume:
         logger.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -791,9 +796,12 @@ def train(trainer, splits, resume, model_args):
     if loss is not None and not math.isfinite(loss):
         raise UsageError(f"training diverged (train_loss {loss}); lower --learning_rate. No results were written")
     save_adapter_and_head(trainer, trainer.model, model_args)
+    metrics = dict(result.metrics, train_samples=len(splits["train"]))
     if trainer.is_world_process_zero():
-        atomic_write_json(os.path.join(trainer.args.output_dir, "train_results.json"),
-                          dict(result.metrics, train_samples=len(splits["train"])))
+        for name in ("train_results.json", "all_results.json"):  # all_results.json gains the eval metrics later
+            atomic_write_json(os.path.join(trainer.args.output_dir, name), metrics)
+    trainer.save_state()  # the log history of every step and evaluation; written by the main process only
+    return metrics
 
 
 def evaluate(trainer, splits, task_name, prefixes):
@@ -839,14 +847,13 @@ def main(argv=None):
 
     splits = tokenize(raw, tokenizer, data_args)
     trainer, prefixes = build_trainer(model, tokenizer, splits, recipe, model_args, data_args, training_args)
-    if training_args.do_train:
-        train(trainer, splits, resume, model_args)
+    train_metrics = train(trainer, splits, resume, model_args) if training_args.do_train else {}
     if training_args.do_eval:
         final, best, sizes = evaluate(trainer, splits, data_args.task_name, prefixes)
     if trainer.is_world_process_zero():
         atomic_write_json(os.path.join(output_dir, "adapter_setup.json"), setup)
         if training_args.do_eval:  # written last: its presence means the run finished
-            results = write_eval_results(output_dir, data_args.task_name, final, best, sizes)
+            results = write_eval_results(output_dir, data_args.task_name, final, best, sizes, train_metrics)
             logger.info("eval results: %s", {k: round(v, 4) for k, v in results.items()
                                              if isinstance(v, float) and k.split("_", 1)[0] in ("eval", "best")})
     if training_args.do_predict:

@@ -253,6 +253,12 @@ def test_saved_adapter_and_head_reproduce_eval_and_test_results(mrpc_run, tiny_m
     assert results["epoch"] == 2.0 and results["eval_samples"] == 40 and results["best_epoch"] in (1.0, 2.0)
     assert results["eval_combined_score"] == pytest.approx((results["eval_accuracy"] + results["eval_f1"]) / 2)
     assert {"best_accuracy", "best_f1", "best_loss"} <= set(results)
+    # Hugging Face's run_glue.py files beside ours: training + evaluation metrics in one, and the Trainer's state
+    trained = json.loads((out / "train_results.json").read_text())
+    assert json.loads((out / "all_results.json").read_text()) == {**trained, **results}
+    assert trained["train_samples"] == 48 and "train_loss" in trained
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["epoch"] == 2.0 and state["log_history"][-1]["train_loss"] == trained["train_loss"]
     for name in ("adapter.safetensors", "adapter.json", "adapter_model.safetensors", "adapter_config.json"):
         assert (out / name).is_file()
     saved = json.loads((out / "adapter.json").read_text())
