@@ -61,13 +61,14 @@ logger = logging.getLogger("run_distributed_eval")
 
 @dataclass
 class EvalArguments:
-    model_name: str = field(metadata={"help": "AutoModelForSeq2SeqLM path or hub id, e.g. facebook/bart-large-cnn"})
     data_dir: str = field(metadata={"help": "folder with {type_path}.source/.target or {type_path}.json(l)"})
+    model_name: str = field(default="sshleifer/distilbart-xsum-12-3", metadata={
+        "help": "AutoModelForSeq2SeqLM path or hub id, e.g. facebook/bart-large-cnn (default: the legacy script's)"})
     save_dir: str = field(default="tmp_gen", metadata={"help": "where metrics and generations are written"})
     type_path: str = field(default="test", metadata={"help": "which split: train, val, test, ..."})
     task: str = field(default="summarization", metadata={
-        "help": "summarization (ROUGE) or translation / translation_xx_to_yy (BLEU); also picks the model's "
-                "task_specific_params"})
+        "help": "a task name containing 'translation' (e.g. translation_xx_to_yy) is scored with BLEU, any other "
+                "(summarization) with ROUGE; also picks the model's task_specific_params"})
     bs: int = field(default=8, metadata={"help": "batch size per process"})
     max_source_length: int | None = field(default=None, metadata={
         "help": "truncate sources to this many tokens (default: what the tokenizer and model allow)"})
@@ -80,7 +81,8 @@ class EvalArguments:
     sync_timeout: int = field(default=600, metadata={
         "help": "seconds rank 0 waits for the other ranks after its own share (also the process-group timeout)"})
     src_lang: str | None = field(default=None, metadata={
-        "help": "source language: key in JSON 'translation' records; set on multilingual tokenizers"})
+        "help": "source language: set on multilingual tokenizers (mBART: en_XX) and the key of JSON 'translation' "
+                "records (default there: xx of --task translation_xx_to_yy)"})
     tgt_lang: str | None = field(default=None, metadata={"help": "target language, as --src_lang"})
     source_key: str = field(default="document", metadata={"help": "source field of non-translation JSON lines"})
     target_key: str = field(default="summary", metadata={"help": "target field of non-translation JSON lines"})
@@ -164,8 +166,6 @@ def parse_args(argv=None):
 def plan_job(args):
     """Check the flags and read the launcher's environment: the global rank and world size (torchrun, accelerate
     launch and torch.distributed.launch all export them), the device and the precision."""
-    if not args.task.startswith(("summarization", "translation")):
-        raise UsageError(f"--task {args.task}: use summarization (ROUGE) or translation[_xx_to_yy] (BLEU)")
     if min(args.bs, args.num_return_sequences, args.sync_timeout) < 1 or (args.n_obs is not None and args.n_obs < 1):
         raise UsageError("--bs, --num_return_sequences, --sync_timeout and --n_obs must be positive")
     if Path(args.type_path).name != args.type_path or args.type_path in ("", ".", ".."):
@@ -179,6 +179,11 @@ def plan_job(args):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
     logging.basicConfig(format=f"[rank {rank}] %(message)s", level=logging.INFO if rank == 0 else logging.WARNING)
+    metric = "bleu" if "translation" in args.task else "rouge"  # the legacy script's rule
+    if metric == "rouge" and args.num_return_sequences == 1 and rank == 0:
+        logger.info("note: rougeLsum splits sentences with a rule-based splitter, not NLTK punkt as the legacy script "
+                    "(punkt needs a download); the ROUGE bootstrap is seeded, so a rerun gives the same numbers "
+                    "(the legacy script's vary in the last digits). docs/distributed_eval.md#metrics")
     if fp16_on_cpu and rank == 0:
         logger.warning("warning: --fp16 needs a CUDA GPU and none is visible: generating in float32 instead "
                        "(scores may differ from an fp16 GPU run in the last digits); drop --fp16 to silence this")
@@ -188,7 +193,6 @@ def plan_job(args):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     languages = re.fullmatch(r"translation_(\w+)_to_(\w+)", args.task)
-    metric = "bleu" if args.task.startswith("translation") else "rouge"
     scoring_run = args.num_return_sequences == 1
     return Job(rank=rank, world_size=world_size, dtype=dtype,
                device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
@@ -232,9 +236,11 @@ def split_files(data_dir, type_path, need_targets):
 
 
 def _read_lines(path, what, strip):
-    """The lines of a text file; `strip` removes trailing whitespace (the legacy script strips its targets but
-    keeps a source's trailing blanks, which BPE tokenizers encode as tokens)."""
-    lines = read_text(path, what).split("\n")
+    """The lines of a text file, read as Python's text mode reads them (the legacy script's linecache): \r\n and
+    \r end lines too and a leading byte-order mark is dropped. `strip` removes trailing whitespace (the legacy
+    script strips its targets but keeps a source's trailing blanks, which BPE tokenizers encode as tokens)."""
+    text = read_text(path, what).removeprefix("\ufeff")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
     return [line.rstrip() for line in lines] if strip else lines
@@ -248,10 +254,15 @@ def read_examples(files, *, src_lang=None, tgt_lang=None, source_key="document",
         if not need_targets:
             return sources, None
         targets = _read_lines(files[1], "target file", strip=True)
-        if len(targets) != len(sources):
+        if len(targets) < len(sources):
             raise UsageError(f"{files[0]} has {len(sources)} lines but {files[1]} has {len(targets)}; they must "
                              "be line-aligned (one example per line)")
-        return sources, targets
+        if len(targets) > len(sources):  # the legacy script scores against the first len(sources) lines
+            extra = targets[len(sources):]
+            logger.info(f"note: {files[1]} has {len(extra)} line(s) more than {files[0].name} "
+                           f"({'all blank' if not any(extra) else 'not all blank'}); they are ignored, as the "
+                           "legacy script ignores them")
+        return sources, targets[: len(sources)]
     return _read_json_examples(files[0], (source_key, target_key), (src_lang, tgt_lang), need_targets)
 
 
@@ -367,10 +378,12 @@ def load_model(args, job):
         peft_layers.load_adapter(model, args.adapter_path)
         model = peft_layers.merge_and_unload(model)  # merged: generation runs at the plain model's speed
     model.to(device=job.device, dtype=job.dtype).eval()
-    if job.src_lang and hasattr(tokenizer, "src_lang"):  # mBART / M2M / NLLB tokenizers tag the source language
-        tokenizer.src_lang = job.src_lang
-    if job.tgt_lang and hasattr(tokenizer, "tgt_lang"):
-        tokenizer.tgt_lang = job.tgt_lang
+    # mBART / M2M / NLLB tokenizers tag the source language. Only from the flags, as the legacy script: the codes
+    # in a task name (translation_en_to_ro) are not theirs (mBART's is en_XX; "en" would become a subword).
+    if args.src_lang and hasattr(tokenizer, "src_lang"):
+        tokenizer.src_lang = args.src_lang
+    if args.tgt_lang and hasattr(tokenizer, "tgt_lang"):
+        tokenizer.tgt_lang = args.tgt_lang
     return model, tokenizer
 
 
@@ -388,14 +401,18 @@ def generation_settings(args, model, tokenizer, generate_kwargs):
     kwargs = {**{k: v for k, v in task_params.items() if k in GENERATE_KEYS}, **generate_kwargs}
     n_return = args.num_return_sequences
     if n_return > 1:
+        # As the legacy script, also when sampling (then generate samples within beams): at least n beams.
         kwargs["num_return_sequences"] = n_return
         defaults = model.generation_config  # the model's own settings, where neither the task nor the flags say
-        if not kwargs.get("do_sample", defaults.do_sample):  # beam search returns at most num_beams sequences
-            kwargs["num_beams"] = max(n_return, kwargs.get("num_beams", defaults.num_beams or 1))
+        kwargs["num_beams"] = max(n_return, kwargs.get("num_beams", defaults.num_beams or 1))
     if kwargs:
         logger.info(f"generate kwargs: {kwargs}")
-    # As the legacy script: the task's prefix, else the model config's own (BART configs: " "), else none.
-    prefix = args.prefix or task_params.get("prefix", getattr(model.config, "prefix", None)) or ""
+    # As the legacy script: --prefix (also an empty one), else the task's, else the model config's own (BART
+    # configs: " "), else none.
+    if args.prefix is not None:
+        prefix = args.prefix
+    else:
+        prefix = task_params.get("prefix", getattr(model.config, "prefix", None)) or ""
     return Generation(prefix=prefix,
                       kwargs=kwargs, n_return=n_return,
                       max_source_length=args.max_source_length or min(
@@ -478,7 +495,8 @@ def compute_rouge(predictions, references, seed=0):
         aggregator.add_scores(scorer.score("\n".join(split_sentences(reference)),
                                            "\n".join(split_sentences(prediction))))
     np.random.seed(seed)  # the bootstrap resamples with np.random: seeded, the same run gives the same numbers
-    return {key: round(value.mid.fmeasure * 100, 4) for key, value in aggregator.aggregate().items()}
+    # float(): numpy's rounding as the legacy script, printed as a plain number
+    return {key: float(round(value.mid.fmeasure * 100, 4)) for key, value in aggregator.aggregate().items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -571,7 +589,8 @@ def write_results(args, job, predictions, targets, timing, start_time):
         **timing,
     })
     atomic_write_json(paths["metrics"], metrics)
-    logger.info(f"{paths['metrics']}: {metrics}")
+    logger.info(f"wrote {paths['metrics']}")
+    print(metrics, flush=True)  # on stdout, as the legacy script prints it
 
 
 def clean_up(run_dir, job, keep_run_dir):

@@ -3,6 +3,7 @@
 The model uses the real BART BPE (GPT-2 vocab + 5 special tokens) from the shared data folder, built by the
 benchmark's `save_random_bart`, and is evaluated on the WMT en-ro sample.
 """
+import ast
 import json
 import os
 import re
@@ -217,7 +218,8 @@ def test_one_process_restores_order_and_scores(one_process_dir, expected, mixed_
     assert [p.name for p in one_process_dir.glob(".tmp_*")] == [".tmp_20200101-000000-deadbeef"]
 
 
-def test_summarization_scores_rouge(monkeypatch, tmp_path, bart_dir, expected, mixed_data_dir):
+def test_summarization_scores_rouge(monkeypatch, capsys, caplog, tmp_path, bart_dir, expected, mixed_data_dir):
+    caplog.set_level("INFO", logger="run_distributed_eval")
     run_in_process(monkeypatch, "--model_name", bart_dir, "--data_dir", mixed_data_dir, "--save_dir", tmp_path,
                    "--type_path", "val", "--task", "summarization", "--n_obs", N_OBS, "--bs", 4, "--local-rank=0",
                    f"--max_length={MAX_LENGTH}")
@@ -226,6 +228,9 @@ def test_summarization_scores_rouge(monkeypatch, tmp_path, bart_dir, expected, m
     targets = read_lines(mixed_data_dir / "val.target")[:N_OBS]
     assert {k: rouge[k] for k in rde.ROUGE_KEYS} == rde.compute_rouge(expected, targets)
     assert 0 < rouge["rouge2"] < 100
+    out = capsys.readouterr().out
+    assert ast.literal_eval(out.strip().splitlines()[-1]) == rouge  # the metrics on stdout, as the legacy script
+    assert "note: rougeLsum splits sentences with a rule-based splitter" in caplog.text  # said at start
 
 
 def test_two_processes_equal_one_process(tmp_path, bart_dir, expected, mixed_data_dir, one_process_dir):
@@ -323,7 +328,6 @@ def test_dead_rank_fails_within_timeout_naming_it(tmp_path, bart_dir, expected, 
     (["--type_path", "dev"], "no dev.source or dev.json in .*; --type_path should be one of: test, train, val"),
     (["--data_dir", "/nonexistent"], "--data_dir /nonexistent is not a folder"),
     (["--num_beam=2"], "unknown flag --num_beam"),
-    (["--task", "classification"], "--task classification: use summarization"),
     (["--adapter_path", "/nonexistent"], "--adapter_path /nonexistent does not exist"),
 ])
 def test_bad_input_is_one_clear_line(monkeypatch, capsys, tmp_path, change, message):
@@ -365,8 +369,8 @@ def test_legacy_torch_distributed_launch_command_runs_as_written(tmp_path, bart_
     and exports RANK/WORLD_SIZE. --fp16 on a machine without a GPU: one warning line, float32, recorded."""
     command = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "run_distributed_eval.py",
                "--model_name", str(bart_dir), "--data_dir", str(WMT_DIR), "--save_dir", str(tmp_path / "out"),
-               "--type_path", "val", "--task", "translation", "--bs", "8", "--fp16", "--num_beams=5",
-               "--length_penalty=1.0"]
+               "--type_path", "val", "--task", "translation", "--bs", "8", "--fp16", "--num_beams", "5",
+               "--length_penalty", "1.0"]  # the legacy parser's form (it pairs tokens; ours also takes --k=v)
     # The launcher's own --master_port default (29500) may be taken: its PET_ variable moves it, the line stays.
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(PET_MASTER_PORT=free_port()),
                             capture_output=True, text=True, timeout=300)
@@ -408,7 +412,35 @@ def test_settings_and_sources_as_the_legacy_script_reads_them(bart_dir, tmp_path
     assert settings.prefix == " " and settings.kwargs["num_beams"] == 4
     args, kwargs = rde.parse_args([*common, "--prefix", "translate: "])
     assert rde.generation_settings(args, model, tokenizer, kwargs).prefix == "translate: "
+    args, kwargs = rde.parse_args([*common, "--prefix", ""])  # an empty prefix is no prefix, not the model's " "
+    assert rde.generation_settings(args, model, tokenizer, kwargs).prefix == ""
+    # Several candidates while sampling: at least that many beams too (the legacy script's beam sampling).
+    args, kwargs = rde.parse_args([*common, "--num_return_sequences", "6", "--do_sample=true"])
+    assert rde.generation_settings(args, model, tokenizer, kwargs).kwargs["num_beams"] == 6
     (tmp_path / "test.source").write_text("Hello. \nWorld\t\n")
     (tmp_path / "test.target").write_text("Salut. \nLume\t\n")
     sources, targets = rde.read_examples([tmp_path / "test.source", tmp_path / "test.target"])
     assert sources == ["Hello. ", "World\t"] and targets == ["Salut.", "Lume"]
+    # Text-mode reading, as the legacy script's linecache: Windows and old-Mac line ends, a byte-order mark.
+    (tmp_path / "test.source").write_bytes("\ufeffHello. \r\nWorld\t\rAgain\r\n".encode())
+    (tmp_path / "test.target").write_bytes(b"Salut.\r\nLume\r\nIar\r\n\r\n")  # one blank line too many: ignored
+    sources, targets = rde.read_examples([tmp_path / "test.source", tmp_path / "test.target"])
+    assert sources == ["Hello. ", "World\t", "Again"] and targets == ["Salut.", "Lume", "Iar"]
+
+
+def test_metric_and_tokenizer_languages_as_the_legacy_script(monkeypatch, bart_dir, tmp_path):
+    """BLEU for any task name containing 'translation', ROUGE for every other; a multilingual tokenizer's
+    languages come only from --src_lang/--tgt_lang (mBART's code for English is en_XX, not the task name's en)."""
+    for task, metric in [("translation", "bleu"), ("translation_en_to_ro", "bleu"), ("wmt_translation", "bleu"),
+                         ("summarization", "rouge"), ("xsum", "rouge")]:
+        args, _ = rde.parse_args(["--model_name", "m", "--data_dir", str(tmp_path), "--task", task])
+        assert rde.plan_job(args).metric == metric, task
+    from types import SimpleNamespace
+    monkeypatch.setattr(rde.AutoTokenizer, "from_pretrained",
+                        lambda name: SimpleNamespace(src_lang="en_XX", tgt_lang="ro_RO"))
+    for flags, languages in [([], ("en_XX", "ro_RO")), (["--src_lang", "de_DE", "--tgt_lang", "fr_XX"],
+                                                        ("de_DE", "fr_XX"))]:
+        args, _ = rde.parse_args(["--model_name", str(bart_dir), "--data_dir", str(tmp_path),
+                                  "--task", "translation_en_to_ro", *flags])
+        _, tokenizer = rde.load_model(args, rde.plan_job(args))
+        assert (tokenizer.src_lang, tokenizer.tgt_lang) == languages
