@@ -586,6 +586,50 @@ def adapter_setup(model, recipe, model_args, training_args, n_train):
     }
 
 
+RUN_SETTINGS = "run_settings.json"
+# Arguments that change what training computes, beyond the set-up above (which holds method, rank, alpha, targets,
+# seeds, learning rates, optimizer and schedule). Evaluation, logging and saving flags may change on a resume.
+TRAINING_KEYS = {
+    "model": ("model_name_or_path", "adapter_path", "new_head", "adapter_impl"),
+    "data": ("task_name", "train_file", "max_seq_length", "max_train_samples", "pad_to_max_length"),
+    "training": ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                 "world_size", "max_grad_norm", "lr_scheduler_type", "fp16", "bf16", "label_smoothing_factor"),
+}
+
+
+def run_settings(setup, model_args, data_args, training_args):
+    """What a checkpoint's run trained with: a resume must continue the same experiment."""
+    settings = {k: v for k, v in setup.items() if k not in ("evaluation", "notes")}
+    for group, args in (("model", model_args), ("data", data_args), ("training", training_args)):
+        for key in TRAINING_KEYS[group]:
+            value = getattr(args, key, None)
+            settings[key] = value.value if hasattr(value, "value") else value  # enums as their strings
+    return json.loads(json.dumps(settings, default=str))  # as read back from the file
+
+
+def check_resume_settings(resume, settings, training_args):
+    """Before continuing a checkpoint, compare this run's settings with those its run stored. A changed command
+    resumed silently would report the old run's model under the new settings: refused when the resume was
+    automatic, said in one line when --resume_from_checkpoint chose the checkpoint."""
+    stored_file = Path(resume).parent / RUN_SETTINGS
+    try:
+        stored = json.loads(stored_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning("note: %s has no readable %s (written by an older version?): cannot check that it was "
+                       "trained with these settings", resume, RUN_SETTINGS)
+        return
+    changed = [f"{k}: {stored.get(k)!r} then, {settings.get(k)!r} now" for k in sorted(set(stored) | set(settings))
+               if stored.get(k) != settings.get(k)]
+    if not changed:
+        return
+    what = f"{resume} was trained with other settings ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})"
+    if training_args.resume_from_checkpoint:
+        logger.warning("note: %s; continuing it as --resume_from_checkpoint asks", what)
+        return
+    raise UsageError(f"{what}; pass --overwrite_output_dir to train afresh with these settings, or choose another "
+                     "--output_dir")
+
+
 def randlora_total_steps(n_train, training_args, world):
     """RandLoRA's run_glue.py: len(train) // batch * epochs optimizer steps for its schedule (floor, not ceil)."""
     return n_train // (training_args.per_device_train_batch_size * world) * training_args.num_train_epochs
@@ -683,16 +727,22 @@ def epoch_history(log_history, prefixes):
     return [by_step[step] for step in sorted(by_step)]
 
 
+def best_epoch_metric(task_name):
+    """The metric that picks the best epoch: the task's headline metric, except STS-B's Pearson, which is what the
+    papers that report the best epoch (LoRA, VeRA) give for STS-B (RandLoRA's combined score is a last-epoch one)."""
+    return "pearson" if task_name == "stsb" else TASKS[task_name].report[0]
+
+
 def main_score(evaluation, task_name):
-    """The metric that picks the best epoch; a NaN (e.g. Pearson of constant predictions) never wins."""
-    value = evaluation.get("eval_" + TASKS[task_name].report[0], float("nan"))
+    """The best-epoch metric's value; a NaN (e.g. Pearson of constant predictions) never wins."""
+    value = evaluation.get("eval_" + best_epoch_metric(task_name), float("nan"))
     return float("-inf") if math.isnan(value) else value
 
 
 def write_eval_results(output_dir, task_name, final, best, sizes, train_metrics):
     """eval_results.json (and MNLI's per-set files), after all_results.json: the training and evaluation metrics
     in one file, as Hugging Face's run_glue.py leaves them."""
-    main_metric = "eval_" + TASKS[task_name].report[0]
+    main_metric = "eval_" + best_epoch_metric(task_name)
     results = {k: v for k, v in final.items() if k.startswith("eval_") or k == "epoch"}
     results.update(sizes)
     results["best_epoch"] = best.get("epoch")
@@ -844,6 +894,12 @@ def main(argv=None):
     model = add_adapter(model, recipe, model_args)
     setup = adapter_setup(model, recipe, model_args, training_args, len(raw.get("train", ())))
     logger.info(setup_line(setup))
+    if training_args.do_train:
+        settings = run_settings(setup, model_args, data_args, training_args)
+        if resume:
+            check_resume_settings(resume, settings, training_args)
+        elif training_args.process_index == 0:
+            atomic_write_json(os.path.join(output_dir, RUN_SETTINGS), settings)
 
     splits = tokenize(raw, tokenizer, data_args)
     trainer, prefixes = build_trainer(model, tokenizer, splits, recipe, model_args, data_args, training_args)

@@ -4,6 +4,8 @@
 # sweep_execute, which
 #   - skips a run whose results are already complete (parse_results.py --score FOLDER says so), so a killed sweep
 #     restarts where it stopped; an interrupted run resumes inside itself where its script supports it;
+#   - but first moves aside (FOLDER.replaced-<time>) a run folder that another command made (FOLDER/.sweep_command
+#     differs: other epochs, learning rate, data...), so its results are never taken for this command's;
 #   - runs JOBS runs at once: on a GPU machine each pinned to its own GPU (CUDA_VISIBLE_DEVICES), on a CPU-only
 #     machine each with its share of the cores (OMP/MKL threads = cores / JOBS);
 #   - sends everything a run prints to FOLDER/log.txt and prints one line per finished run (label, score, seconds),
@@ -90,6 +92,15 @@ sweep_say() {  # a line above the progress bar
   echo "$@"
 }
 
+sweep_set_aside_changed() {  # sweep_set_aside_changed INDEX: a folder another command made is moved out of the way
+  local i=$1 out=${SWEEP_OUT[$1]} aside
+  [ -f "$out/.sweep_command" ] && [ "$(cat "$out/.sweep_command")" != "${SWEEP_CMD[i]}" ] || return 0
+  aside="$out.replaced-$(date +%Y%m%d-%H%M%S)"
+  mv "$out" "$aside"
+  echo "${SWEEP_LABEL[i]}: its folder was made by another command (see $aside/.sweep_command); moved to $aside," \
+       "running it again"
+}
+
 sweep_score() {  # the run's headline score ("accuracy 80.39"), or a non-zero exit when it is not complete
   "$PY" parse_results.py --score "$1"
 }
@@ -97,6 +108,7 @@ sweep_score() {  # the run's headline score ("accuracy 80.39"), or a non-zero ex
 sweep_start_run() {  # sweep_start_run INDEX SLOT: start in the background, everything it prints into its log
   local i=$1 slot=$2 out=${SWEEP_OUT[$1]}
   mkdir -p "$out"
+  printf '%s' "${SWEEP_CMD[i]}" > "$out/.sweep_command.tmp" && mv "$out/.sweep_command.tmp" "$out/.sweep_command"
   [ -z "${SWEEP_BEFORE_RUN:-}" ] || "$SWEEP_BEFORE_RUN" "$out" >> "$out/log.txt" 2>&1
   {
     echo "=== $(date '+%F %T') ${SWEEP_LABEL[i]} (slot $slot: ${SWEEP_SLOT_ENV[slot]})"
@@ -188,6 +200,7 @@ sweep_execute() {
   declare -g -A SWEEP_PID_RUN=() SWEEP_PID_SLOT=()
   declare -g -a SWEEP_RUN_START=()
   for i in "${!SWEEP_OUT[@]}"; do
+    sweep_set_aside_changed "$i"
     if score=$(sweep_score "${SWEEP_OUT[i]}" 2> /dev/null); then
       SWEEP_STATE[$i]=done skipped=$((skipped + 1)) SWEEP_FINISHED=$((SWEEP_FINISHED + 1))
       echo "[$SWEEP_FINISHED/$SWEEP_TOTAL] ${SWEEP_OUT[i]}: done, skipped ($score)"

@@ -390,7 +390,8 @@ def test_peft_implementation_trains_and_saves_a_peft_adapter(tiny_models, tmp_pa
     assert "eval_accuracy" in json.loads((tmp_path / "eval_results.json").read_text())
 
 
-def test_resume_after_an_interrupted_run_ends_like_an_uninterrupted_one(tiny_models, tmp_path, monkeypatch):
+def test_resume_after_an_interrupted_run_ends_like_an_uninterrupted_one(tiny_models, tmp_path, monkeypatch, capsys,
+                                                                         caplog):
     from transformers import Trainer
 
     args = ["--adapter_name", "lora", "--rank", 4, "--learning_rate", 5e-3, "--num_train_epochs", 2,
@@ -413,6 +414,24 @@ def test_resume_after_an_interrupted_run_ends_like_an_uninterrupted_one(tiny_mod
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_checkpoint)
     assert not (tmp_path / "cut" / "eval_results.json").exists()
     assert [p.name for p in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-3"]
+
+    # The same folder with a changed command: continuing the old checkpoint would report the old run's model
+    # under the new settings. Refused in one line (nothing trained), or said when the checkpoint is named.
+    import shutil
+    shutil.copytree(tmp_path / "cut", tmp_path / "named")
+    changed = [*args, "--learning_rate", 1e-3]  # the later flag wins
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue_main(common_args(tiny_models["bert"], "rte", tmp_path / "cut", *changed))
+    assert exit_info.value.code == 2
+    error = error_lines(capsys)[-1]
+    assert "checkpoint-3 was trained with other settings (" in error
+    assert "; learning_rate: 0.005 then, 0.001 now" in error
+    assert "pass --overwrite_output_dir" in error
+    assert [p.name for p in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-3"]
+    caplog.set_level("WARNING", logger="run_glue")
+    run_glue_main(common_args(tiny_models["bert"], "rte", tmp_path / "named", *changed,
+                              "--resume_from_checkpoint", tmp_path / "named" / "checkpoint-3"))
+    assert "was trained with other settings (" in caplog.text and "continuing it as" in caplog.text
 
     steps_run = []
     training_step = Trainer.training_step
@@ -513,3 +532,18 @@ def test_train_all_runs_the_grid_skips_finished_runs_and_prints_the_table(tiny_m
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and f"[1/1] {run_dir}: done, skipped" in again.stdout
     assert json.loads((run_dir / "eval_results.json").read_text()) == results
+
+
+def test_stsb_best_epoch_is_the_pearson_best_one_as_the_papers_that_report_it(tmp_path):
+    """LoRA and VeRA report STS-B's Pearson of the best epoch: the epoch with the best Pearson, not the best
+    combined score (here epoch 1: Pearson 0.9, combined 0.7; epoch 2: Pearson 0.8, combined 0.8)."""
+    import run_glue
+
+    history = [{"epoch": 1.0, "eval_pearson": 0.9, "eval_spearmanr": 0.5, "eval_combined_score": 0.7},
+               {"epoch": 2.0, "eval_pearson": 0.8, "eval_spearmanr": 0.8, "eval_combined_score": 0.8}]
+    best = max(history, key=lambda h: run_glue.main_score(h, "stsb"))
+    results = run_glue.write_eval_results(tmp_path, "stsb", history[-1], best, {"eval_samples": 10}, {})
+    assert results["best_epoch"] == 1.0 and results["best_pearson"] == 0.9 and results["best_metric"] == "eval_pearson"
+    assert results["eval_combined_score"] == 0.8  # the final model's, as RandLoRA's last-epoch table reads it
+    mrpc = [{"epoch": 1.0, "eval_accuracy": 0.7, "eval_f1": 0.9}, {"epoch": 2.0, "eval_accuracy": 0.8, "eval_f1": 0.8}]
+    assert max(mrpc, key=lambda h: run_glue.main_score(h, "mrpc"))["epoch"] == 2.0  # accuracy, its first metric

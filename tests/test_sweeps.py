@@ -174,6 +174,18 @@ def test_parallel_sweep_survives_a_failing_run_reruns_an_unusable_one_and_restar
     assert "2 runs to do (2 already finished)" in again.stdout
     assert f"{results / 'lora4_bert' / '1' / 'rte'}: done, skipped (accuracy" in again.stdout
 
+    # The same run folder with another learning rate: the earlier results are not this command's. Set aside, rerun.
+    run_dir = results / "lora4_bert" / "1" / "rte"
+    before = json.loads((run_dir / "eval_results.json").read_text())
+    changed = tiny_sweep(tiny_bert_dir, results, jobs=1, adapters="lora:4:2e-3", seeds="1")
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    aside = re.search(r"^rte lora4 seed 1: its folder was made by another command .*; moved to (\S+), running it "
+                      r"again$", changed.stdout, re.M)
+    assert aside and "1 runs to do (0 already finished)" in changed.stdout, changed.stdout
+    assert json.loads(Path(aside.group(1), "eval_results.json").read_text()) == before
+    assert "--learning_rate 2e-3" in (run_dir / ".sweep_command").read_text()
+    assert json.loads((run_dir / "adapter_setup.json").read_text())["learning_rate"] == 0.002
+
 
 def test_the_failure_summary_prints_even_when_the_table_cannot_be_made(tiny_bert_dir, tmp_path):
     # seed 0 is outside the 1..NSEEDS range parse_results.py reads, so the table fails too (set -e must not hide
