@@ -120,11 +120,25 @@ class ModelArguments:
         "help": "microsoft/LoRA flag: dropout before DeBERTa's classifier (config.cls_dropout)"})
     use_deterministic_algorithms: bool = field(default=False, metadata={
         "help": "microsoft/LoRA flag: torch.use_deterministic_algorithms(True)"})
+    # Hugging Face run_glue.py's loading flags (RandLoRA's and microsoft/LoRA's copies have them too)
+    config_name: str | None = field(default=None, metadata={"help": "config to use instead of the model's own"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer to use instead of the model's"})
+    cache_dir: str | None = field(default=None, metadata={"help": "where Hub downloads are stored"})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "a fast (tokenizers) tokenizer"})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)"})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models"})
+    use_auth_token: bool = field(default=False, metadata={"help": "older spelling: use the saved Hub token"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow a Hub model's own code"})
 
 
 @dataclass
 class DataArguments:
-    task_name: str = field(metadata={"help": f"GLUE task: {' '.join(TASKS)}"})
+    task_name: str | None = field(default=None, metadata={"help": f"GLUE task: {' '.join(TASKS)}"})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Hugging Face run_glue.py's flag: glue (or nyu-mll/glue) with --dataset_config_name TASK is "
+                "--task_name TASK; other datasets: pass --train_file/--validation_file with --task_name"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "with --dataset_name glue: the task"})
+    overwrite_cache: bool = field(default=False, metadata={"help": "tokenize again instead of using the cache"})
     glue_dir: str | None = field(default=None, metadata={
         "help": "folder in the classic download_glue_data.py layout (default: $GLUE_DIR, else the Hub)"})
     train_file: str | None = field(default=None, metadata={"help": "csv/json/tsv training file"})
@@ -136,8 +150,11 @@ class DataArguments:
                 "longest row (faster, the same results up to rounding)"})
     max_train_samples: int | None = field(default=None, metadata={
         "help": "keep this many training rows (a fixed random subset, the same for every seed)"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "same for each validation split"})
-    max_predict_samples: int | None = field(default=None, metadata={"help": "same for each test split"})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "aliases": ["--max_val_samples"], "help": "same for each validation split (--max_val_samples: "
+                                                  "microsoft/LoRA's name)"})
+    max_predict_samples: int | None = field(default=None, metadata={
+        "aliases": ["--max_test_samples"], "help": "same for each test split (--max_test_samples: microsoft/LoRA's)"})
 
 
 @dataclass
@@ -206,11 +223,14 @@ def parse_args(argv=None):
     argv = deepspeed_on_cpu_args(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), description=__doc__,
                               formatter_class=HelpFormatter)
-    # Checkpoint every epoch, keeping one, so that an interrupted run has something to continue from.
-    parser.set_defaults(save_strategy="epoch", save_total_limit=1, logging_steps=50,
+    # Checkpoint every epoch, keeping one, so that an interrupted run has something to continue from; every
+    # --save_steps (Hugging Face's default) when those are asked for or the evaluation is by steps, which
+    # --load_best_model_at_end needs the checkpoints to match.
+    by_steps = "save_strategy" not in given and ("save_steps" in given or flag_value(argv, "eval_strategy") == "steps")
+    parser.set_defaults(save_strategy="steps" if by_steps else "epoch", save_total_limit=1, logging_steps=50,
                         dataloader_pin_memory=torch.cuda.is_available())
     model_args, data_args, training_args = parse_dataclasses(parser, argv)
-    get_task(data_args.task_name)
+    settle_task_name(data_args)
     if "output_dir" not in given:  # microsoft/LoRA's evaluation command has none
         recipe = settle_recipe(model_args, training_args, given, fp16_dropped)
         tag = f"_{recipe.method}{recipe.rank or ''}" if recipe.method else ""
@@ -229,6 +249,40 @@ def parse_args(argv=None):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # what its scripts export; cuBLAS needs it
         torch.use_deterministic_algorithms(True)
     return model_args, data_args, training_args, recipe
+
+
+def flag_value(argv, name):
+    """The value given to --name (or --name=value, dashed spellings too) on a command line; None if not given."""
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag[2:].replace("-", "_") == name:
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def settle_task_name(data_args):
+    """--task_name, or Hugging Face's --dataset_name glue --dataset_config_name TASK for the same data."""
+    name, config = data_args.dataset_name, data_args.dataset_config_name
+    if name is not None and name not in ("glue", "nyu-mll/glue"):
+        if data_args.task_name is None or not (data_args.train_file or data_args.validation_file):
+            raise UsageError(f"--dataset_name {name}: only GLUE loads by name here; for other data pass "
+                             "--task_name (the GLUE task whose columns and metric it has) with "
+                             "--train_file/--validation_file")
+    elif name is not None and config is not None:
+        if data_args.task_name not in (None, config):
+            raise UsageError(f"--task_name {data_args.task_name} and --dataset_config_name {config} name two "
+                             "tasks; pass one")
+        data_args.task_name = config
+    if data_args.task_name is None:
+        raise UsageError(f"no task: pass --task_name, one of: {' '.join(TASKS)}")
+    get_task(data_args.task_name)
+
+
+def hub_kwargs(model_args):
+    """from_pretrained's Hub arguments, as Hugging Face's run_glue.py passes them."""
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
+            "token": model_args.token or (True if model_args.use_auth_token else None),
+            "trust_remote_code": model_args.trust_remote_code}
 
 
 def parse_dataclasses(parser, argv):
@@ -387,7 +441,8 @@ def tokenize(splits, tokenizer, data_args):
     out = {}
     for name, ds in splits.items():
         text_columns = [c for c in ds.column_names if c.startswith("sentence")]
-        out[name] = ds.map(encode, batched=True, remove_columns=text_columns)
+        out[name] = ds.map(encode, batched=True, remove_columns=text_columns,
+                           load_from_cache_file=not data_args.overwrite_cache)
         logger.info("%s: %d rows", name, len(out[name]))
     return out
 
@@ -397,10 +452,13 @@ def load_model(model_args, data_args, training_args):
     task = TASKS[data_args.task_name]
     path = resolve_model_path(model_args.model_name_or_path)
     num_labels = 1 if task.labels is None else len(task.labels)
-    config = AutoConfig.from_pretrained(path, num_labels=num_labels, finetuning_task=data_args.task_name)
+    hub = hub_kwargs(model_args)
+    config = AutoConfig.from_pretrained(resolve_model_path(model_args.config_name or path), num_labels=num_labels,
+                                        finetuning_task=data_args.task_name, **hub)
     if model_args.cls_dropout is not None:  # an attribute of microsoft/LoRA's DeBERTa config; read where present
         config.cls_dropout = model_args.cls_dropout
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or path),
+                                              use_fast=model_args.use_fast_tokenizer, **hub)
     from transformers.integrations.deepspeed import (
         is_deepspeed_zero3_enabled,
         set_hf_deepspeed_config,
@@ -414,7 +472,7 @@ def load_model(model_args, data_args, training_args):
         unset_hf_deepspeed_config()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+            path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub)
     except RuntimeError as e:
         if "ignore_mismatched_sizes" not in str(e):
             raise
@@ -590,7 +648,8 @@ RUN_SETTINGS = "run_settings.json"
 # Arguments that change what training computes, beyond the set-up above (which holds method, rank, alpha, targets,
 # seeds, learning rates, optimizer and schedule). Evaluation, logging and saving flags may change on a resume.
 TRAINING_KEYS = {
-    "model": ("model_name_or_path", "adapter_path", "new_head", "adapter_impl"),
+    "model": ("model_name_or_path", "config_name", "tokenizer_name", "model_revision", "adapter_path", "new_head",
+              "adapter_impl"),
     "data": ("task_name", "train_file", "max_seq_length", "max_train_samples", "pad_to_max_length"),
     "training": ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                  "world_size", "max_grad_norm", "lr_scheduler_type", "fp16", "bf16", "label_smoothing_factor"),
@@ -858,8 +917,11 @@ def evaluate(trainer, splits, task_name, prefixes):
     """The final model's metrics, the best evaluated epoch's, and the split sizes."""
     eval_names = [n for n in splits if n.startswith("validation")]
     history = epoch_history(trainer.state.log_history, prefixes)
-    # The last per-epoch evaluation is the final model's, unless training stopped between epochs.
-    if history and history[-1].get("step") == trainer.state.global_step:
+    # The last per-epoch evaluation is the final model's, unless training stopped between epochs or the Trainer
+    # loaded the best checkpoint at the end (--load_best_model_at_end): then the model saved and used for
+    # predictions is evaluated again, as Hugging Face's run_glue.py does.
+    if (history and history[-1].get("step") == trainer.state.global_step
+            and not trainer.args.load_best_model_at_end):
         final = history[-1]
     else:
         metrics = {}

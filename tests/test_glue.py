@@ -547,3 +547,39 @@ def test_stsb_best_epoch_is_the_pearson_best_one_as_the_papers_that_report_it(tm
     assert results["eval_combined_score"] == 0.8  # the final model's, as RandLoRA's last-epoch table reads it
     mrpc = [{"epoch": 1.0, "eval_accuracy": 0.7, "eval_f1": 0.9}, {"epoch": 2.0, "eval_accuracy": 0.8, "eval_f1": 0.8}]
     assert max(mrpc, key=lambda h: run_glue.main_score(h, "mrpc"))["epoch"] == 2.0  # accuracy, its first metric
+
+
+def test_hugging_face_run_glue_flags_are_accepted(tiny_models, tmp_path):
+    """Flags of Hugging Face's run_glue.py (RandLoRA's copy) and microsoft/LoRA's that do not change the experiment
+    here: accepted, and meaning what they mean there."""
+    import run_glue
+
+    model_args, data_args, training_args, _ = run_glue.parse_args([
+        "--model_name_or_path", tiny_models["bert"], "--dataset_name", "glue", "--dataset_config_name", "rte",
+        "--do_train", "--do_eval", "--output_dir", tmp_path, "--cache_dir", tmp_path / "cache", "--config_name",
+        tiny_models["bert"], "--tokenizer_name", tiny_models["bert"], "--use_fast_tokenizer", "true",
+        "--model_revision", "main", "--overwrite_cache", "--trust_remote_code", "false",
+        "--max_val_samples", 5, "--max_test_samples", 3, "--eval_strategy", "steps", "--eval_steps", 4,
+        "--load_best_model_at_end"])  # by steps: checkpoints follow (HF's default), as the best model needs
+    assert data_args.task_name == "rte" and data_args.overwrite_cache
+    assert (data_args.max_eval_samples, data_args.max_predict_samples) == (5, 3)
+    assert training_args.save_strategy == "steps" and training_args.load_best_model_at_end
+    assert run_glue.hub_kwargs(model_args)["cache_dir"] == str(tmp_path / "cache")
+
+
+def test_load_best_model_at_end_reports_the_model_it_saved(tiny_models, tmp_path):
+    """With --load_best_model_at_end the Trainer ends on the best checkpoint: eval_results.json describes that
+    model (evaluated again), not the last evaluation's."""
+    out = tmp_path / "best"
+    args = common_args(tiny_models["bert"], "rte", out, "--adapter_name", "lora", "--rank", 4, "--learning_rate",
+                       5e-2, "--num_train_epochs", 2, "--max_train_samples", 24, "--max_eval_samples", 24,
+                       "--do_train", "--do_eval", "--eval_strategy", "steps", "--eval_steps", 2,
+                       "--load_best_model_at_end")
+    i = args.index("--save_strategy")
+    run_glue_main(args[:i] + args[i + 2:] + ["--save_steps", 2])  # no --save_strategy: as HF's commands
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = {h["step"]: h["eval_loss"] for h in state["log_history"] if "eval_loss" in h}
+    results = json.loads((out / "eval_results.json").read_text())
+    best_step = int(state["best_model_checkpoint"].rsplit("-", 1)[1])
+    assert best_step == min(losses, key=losses.get) != max(losses)  # (the loss's best is not the last evaluation)
+    assert results["eval_loss"] == pytest.approx(losses[best_step], abs=1e-6)
