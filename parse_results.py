@@ -228,14 +228,25 @@ def build_table(roots, nseeds, row_specs, stat, std, best):
 
 
 def task_average(values, keys, stat, std):
-    """Average over the tasks that have results: a task's metrics are averaged first, so each task is one vote."""
+    """Average over the tasks that have results: a task's metrics are averaged first, so each task is one vote.
+    Its ± is RandLoRA's: the std over seeds of each seed's task average, from the seeds every task has (None when
+    no seed has them all); returns (centre, std, n tasks, n seeds behind the std)."""
+    import numpy as np
+
     tasks = list(dict.fromkeys(task for task, _ in keys))
     scores = []
     for task in tasks:
         cells = [summarize(list(values[key].values()), stat, std) for key in keys if key[0] == task]
         if cells and all(cells):
             scores.append(sum(c[0] for c in cells) / len(cells))
-    return (sum(scores) / len(scores), None, len(scores)) if scores else None
+    if not scores:
+        return None
+    seeds = set.intersection(*(set(values[key]) for key in keys))
+    per_seed = [np.mean([np.mean([values[key][s] for key in keys if key[0] == task]) for task in tasks])
+                for s in sorted(seeds)]
+    ddof = 1 if std == "sample" else 0
+    spread = (float(np.std(per_seed, ddof=ddof)) if len(per_seed) > ddof else 0.0) if per_seed else None
+    return sum(scores) / len(scores), spread, len(scores), len(per_seed)
 
 
 # ------------------------------------------------------------------------------------------------ formats
@@ -244,12 +255,14 @@ def task_average(values, keys, stat, std):
 def format_cell(cell, nseeds, ntasks, is_average, fmt, digits=2):
     if cell is None:
         return "-"
-    centre, std, n = cell
+    centre, std, n = cell[:3]
     pm = " $\\pm$ " if fmt == "latex" else " ± "
-    text = f"{centre:.{digits}f}" if is_average else f"{centre:.{digits}f}{pm}{std:.{digits}f}"
+    text = f"{centre:.{digits}f}" if std is None else f"{centre:.{digits}f}{pm}{std:.{digits}f}"
     total = ntasks if is_average else nseeds
     if n < total:  # partial: say how much is behind the number
         text += f" ({n}/{total}{' tasks' if is_average else ''})"
+    if is_average and std is not None and cell[3] < nseeds:
+        text += f" (± over {cell[3]} complete seed{'s' if cell[3] > 1 else ''})"
     return text
 
 

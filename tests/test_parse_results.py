@@ -3,6 +3,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 
 import parse_results
@@ -49,8 +50,11 @@ def test_text_table_mean_std_and_missing_runs(tree, capsys):
     assert rows["mrpc"].split()[-4:] == ["82.00", "±", "2.83", "(2/3)"]  # the missing seed is shown
     assert rows["stsb"].split()[-3:] == ["87.00", "±", "2.65"]
     assert rows["mnli m"].split()[-3:] == ["80.00", "±", "0.00"] and rows["mnli mm"].split()[-3] == "82.00"
-    # the average gives each task one vote: (82 + 81 [mnli: (80 + 82) / 2] + 87 + 62) / 4
-    assert rows["avg"].split()[-1] == f"{(82 + 81 + 87 + 62) / 4:.2f}"
+    # the average gives each task one vote: (82 + 81 [mnli: (80 + 82) / 2] + 87 + 62) / 4; its ± is RandLoRA's, the
+    # std of each seed's task average, over the seeds that have every task (1 and 2: mrpc has no seed 3)
+    per_seed = [(80 + 85 + 81 + 60) / 4, (84 + 86 + 81 + 62) / 4]
+    assert rows["avg"].split()[-8:] == [f"{(82 + 81 + 87 + 62) / 4:.2f}", "±", f"{np.std(per_seed, ddof=1):.2f}",
+                                        "(±", "over", "2", "complete", "seeds)"]
     assert [line.split()[0] for line in out.splitlines()[2:] if not line.startswith("-")] == [
         "mrpc", "stsb", "mnli", "mnli", "rte", "avg"]  # GLUE order
     assert "missing runs (1):" in err and f"{lora}/3/mrpc/eval_results.json (no such file)" in err
@@ -80,7 +84,9 @@ def test_side_by_side_roots_in_every_format(tree, capsys):
     assert lines[0] == "| task | lora8 | vera256 |" and lines[1] == "|---|---:|---:|"
     assert "| rte | 62.00 ± 2.00 | 50.00 ± 0.00 |" in lines
     assert "| mrpc | 82.00 ± 2.83 (2/3) | - |" in lines
-    assert lines[-1] == "| avg | 78.00 | 50.00 (1/4 tasks) |"
+    per_seed = [(80 + 85 + 81 + 60) / 4, (84 + 86 + 81 + 62) / 4]  # no ± without a seed that has every task
+    spread = np.std(per_seed, ddof=1)
+    assert lines[-1] == f"| avg | 78.00 ± {spread:.2f} (± over 2 complete seeds) | 50.00 (1/4 tasks) |"
 
     table = list(csv.DictReader(io.StringIO(run([lora, vera, 3, "--format", "csv"], capsys)[0])))
     row = next(r for r in table if r["task"] == "rte" and r["root"] == vera)
