@@ -156,6 +156,27 @@ def atomic_write_json(path, obj, indent=2):
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, allow_nan=False) + "\n")
 
 
+RUN_SETTINGS = "run_settings.json"  # what a training run trained with, beside its checkpoints
+
+
+def write_run_settings(folder, settings):
+    atomic_write_json(Path(folder) / RUN_SETTINGS, settings)
+
+
+def settings_changed(folder, settings):
+    """How `settings` (JSON values) differ from those the run in `folder` stored when it started: a short text
+    ("lr: 0.0002 then, 0.0005 now; ..."), "" when they are the same, None when the folder holds no readable
+    record (a run of an older version). A resume must continue the same experiment; a changed command resumed
+    silently would report the old run's model under the new settings."""
+    try:
+        stored = json.loads((Path(folder) / RUN_SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    changed = [f"{k}: {stored.get(k)!r} then, {settings.get(k)!r} now" for k in sorted(set(stored) | set(settings))
+               if stored.get(k) != settings.get(k)]
+    return "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
+
+
 def one_line(text):
     """Text on a single line (newlines and tabs become spaces), for line-per-example output files."""
     return " ".join(str(text).split())

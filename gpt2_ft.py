@@ -29,6 +29,7 @@ a loralib-layout model.STEP.pt (adapter only; the whole model at the end of each
 work_dir/final and train_results.json (set-up, validation history, tokens/s, peak memory).
 """
 import contextlib
+import json
 import logging
 import math
 import os
@@ -53,6 +54,7 @@ from transformers import HfArgumentParser, get_scheduler, set_seed
 import gpt2_checkpoint
 import peft_layers
 from common import (
+    RUN_SETTINGS,
     UsageError,
     atomic_write_json,
     check_output_dir,
@@ -61,6 +63,8 @@ from common import (
     process_group_backend,
     recipe_defaults_note,
     run_main,
+    settings_changed,
+    write_run_settings,
 )
 from e2e_data import check_limit, completion_ids, is_token_data, load_causal_lm, load_e2e, load_tokenizer, prompt_ids
 from legacy_adamw import LegacyAdamW
@@ -711,6 +715,38 @@ class Trainer:
         self.acc.end_training()
 
 
+# Flags that may change when a run is resumed: they steer validation, logging and saving, not what is trained.
+RESUME_FREE_FLAGS = {"valid_data", "valid_batch_size", "max_valid_examples", "log_interval", "eval_interval",
+                     "save_interval", "work_dir", "resume", "report_to", "platform", "local_rank"}
+
+
+def check_or_record_settings(args, accelerator):
+    """--resume continues only the run these flags describe: checkpoints trained with other settings (another
+    --lr, --max_epoch, data, ...) are refused in one line. A fresh run records its settings for a later --resume
+    and removes the resume checkpoints an earlier run left, which would otherwise be resumed in its place."""
+    settings = json.loads(json.dumps({**{k: v for k, v in asdict(args).items() if k not in RESUME_FREE_FLAGS},
+                                      "processes": accelerator.num_processes}, default=str))
+    work_dir = Path(args.work_dir)
+    if args.resume and latest_checkpoint(work_dir) is not None:
+        changed = settings_changed(work_dir, settings)
+        if changed is None:
+            logger.warning("note: %s has no readable %s (written by an older version?): cannot check that its "
+                           "checkpoints were trained with these settings", work_dir, RUN_SETTINGS)
+        elif changed:
+            raise UsageError(f"--resume: the checkpoints in {work_dir} were trained with other settings ({changed}); "
+                             "choose another --work_dir, or drop --resume to train afresh there")
+        return
+    accelerator.wait_for_everyone()  # every process has looked for checkpoints before any is removed
+    if accelerator.is_main_process:
+        earlier = [p for p in work_dir.glob("checkpoint-*") if p.is_dir()]
+        for ckpt in earlier:
+            shutil.rmtree(ckpt)
+        if earlier:
+            logger.info("a fresh run: removed %d resume checkpoint(s) of an earlier run in %s", len(earlier), work_dir)
+        write_run_settings(work_dir, settings)
+    accelerator.wait_for_everyone()
+
+
 def prepare_work_dir(args, accelerator, model):
     """Writable now (not after hours of training), no half-written checkpoint left from a killed run, and the
     model's config.json beside its model.<step>.pt files."""
@@ -742,6 +778,7 @@ def main(argv=None):
     model, optimizer, train_loader, valid_loader, scheduler, max_step = build_training(
         args, accelerator, model, train_set, valid_set, pad_id)
     setup = describe(args, setup, max_step, accelerator, spelled)
+    check_or_record_settings(args, accelerator)
     trainer = Trainer(args, accelerator, model, optimizer, scheduler, train_loader, valid_loader,
                       args.adapter_name != "none", max_step)
     if args.resume:

@@ -45,6 +45,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 import peft_layers
 from common import (
+    RUN_SETTINGS,
     UsageError,
     atomic_write_json,
     atomic_write_text,
@@ -53,6 +54,8 @@ from common import (
     flags_given,
     one_line,
     run_main,
+    settings_changed,
+    write_run_settings,
 )
 from glue_data import TASKS, compute_glue_metrics, get_task, load_glue, subsample
 
@@ -644,7 +647,6 @@ def adapter_setup(model, recipe, model_args, training_args, n_train):
     }
 
 
-RUN_SETTINGS = "run_settings.json"
 # Arguments that change what training computes, beyond the set-up above (which holds method, rank, alpha, targets,
 # seeds, learning rates, optimizer and schedule). Evaluation, logging and saving flags may change on a resume.
 TRAINING_KEYS = {
@@ -667,21 +669,15 @@ def run_settings(setup, model_args, data_args, training_args):
 
 
 def check_resume_settings(resume, settings, training_args):
-    """Before continuing a checkpoint, compare this run's settings with those its run stored. A changed command
-    resumed silently would report the old run's model under the new settings: refused when the resume was
-    automatic, said in one line when --resume_from_checkpoint chose the checkpoint."""
-    stored_file = Path(resume).parent / RUN_SETTINGS
-    try:
-        stored = json.loads(stored_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """Before continuing a checkpoint: refused when its run had other settings and the resume was automatic, said
+    in one line when --resume_from_checkpoint chose the checkpoint."""
+    changed = settings_changed(Path(resume).parent, settings)
+    if changed is None:
         logger.warning("note: %s has no readable %s (written by an older version?): cannot check that it was "
                        "trained with these settings", resume, RUN_SETTINGS)
-        return
-    changed = [f"{k}: {stored.get(k)!r} then, {settings.get(k)!r} now" for k in sorted(set(stored) | set(settings))
-               if stored.get(k) != settings.get(k)]
     if not changed:
         return
-    what = f"{resume} was trained with other settings ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})"
+    what = f"{resume} was trained with other settings ({changed})"
     if training_args.resume_from_checkpoint:
         logger.warning("note: %s; continuing it as --resume_from_checkpoint asks", what)
         return
@@ -961,7 +957,7 @@ def main(argv=None):
         if resume:
             check_resume_settings(resume, settings, training_args)
         elif training_args.process_index == 0:
-            atomic_write_json(os.path.join(output_dir, RUN_SETTINGS), settings)
+            write_run_settings(output_dir, settings)
 
     splits = tokenize(raw, tokenizer, data_args)
     trainer, prefixes = build_trainer(model, tokenizer, splits, recipe, model_args, data_args, training_args)

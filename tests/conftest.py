@@ -30,6 +30,14 @@ def free_port():
         return str(s.getsockname()[1])
 
 
+def reset_accelerate():
+    """Forget accelerate's process-wide state, so the next script run in this process builds its own Accelerator
+    as a new process would (also after a run that was stopped by an exception)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def tiny_bert_config(num_labels=2, **kw):
     from transformers import BertConfig
     return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -9,12 +9,13 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA_DIR, REPO, free_port
+from conftest import DATA_DIR, REPO, free_port, reset_accelerate
 from safetensors.torch import load_file
 
 import gpt2_beam
 import gpt2_ft
 import peft_layers
+from common import UsageError
 from e2e_data import group_references, load_e2e
 
 DEVSET = DATA_DIR / "e2e" / "original" / "devset.csv"
@@ -35,9 +36,7 @@ def tiny_dir(tmp_path_factory, gpt2_tokenizer):
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each script run builds its own Accelerator, as a new process would."""
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     yield
 
 
@@ -51,6 +50,26 @@ def train(monkeypatch, tiny_dir, work_dir, *extra):
                "--max_train_examples", 64, "--max_valid_examples", 16, "--train_batch_size", 8, "--lr", 5e-2,
                "--warmup_step", 0, "--scheduler", "constant_with_warmup", "--max_epoch", 2, "--eval_interval", 1000,
                "--save_interval", 4, "--work_dir", work_dir, *extra)
+
+
+class Killed(BaseException):
+    pass
+
+
+def train_killed_after_checkpoint(monkeypatch, tiny_dir, work_dir, step, *extra):
+    """The same run, killed right after it wrote checkpoint-<step>."""
+    checkpoint = gpt2_ft.Trainer.checkpoint
+
+    def checkpoint_then_die(self, *a, **kw):
+        checkpoint(self, *a, **kw)
+        if self.state.step == step:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gpt2_ft.Trainer, "checkpoint", checkpoint_then_die)
+        with pytest.raises(Killed):
+            train(monkeypatch, tiny_dir, work_dir, *extra)
+    reset_accelerate()
 
 
 def base_valid_loss(tiny_dir, tokenizer):
@@ -71,8 +90,8 @@ def test_training_lowers_loss_and_resume_continues_exactly(tmp_path, monkeypatch
     assert results["valid_loss"] < base_valid_loss(tiny_dir, gpt2_tokenizer) - 0.05
     assert results["trainable_params"] == 2 * 2 * (4 * 32 + 32 * 4)  # 2 layers x (q, v) x (A + B), r = 4
 
-    # Killed after step 6, then resumed: same adapter as the uninterrupted run, to the last bit.
-    train(monkeypatch, tiny_dir, tmp_path / "split", "--max_step", 6)
+    # Killed after its checkpoint at step 8, then resumed: same adapter as the uninterrupted run, to the last bit.
+    train_killed_after_checkpoint(monkeypatch, tiny_dir, tmp_path / "split", 8, "--max_step", 10)
     train(monkeypatch, tiny_dir, tmp_path / "split", "--max_step", 10, "--resume")
     full = load_file(tmp_path / "full" / "final" / "adapter.safetensors")
     resumed = load_file(tmp_path / "split" / "final" / "adapter.safetensors")
@@ -81,7 +100,16 @@ def test_training_lowers_loss_and_resume_continues_exactly(tmp_path, monkeypatch
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
     assert json.loads((tmp_path / "split" / "train_results.json").read_text())["step"] == 10
     assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == [
-        "checkpoint-10", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+        "checkpoint-10", "checkpoint-4", "checkpoint-8"]
+
+    # --resume with another command: its checkpoints are another experiment. Refused, naming what changed.
+    with pytest.raises(UsageError, match=r"--resume: the checkpoints in .*split were trained with other settings "
+                                         r"\(lr: 0\.05 then, 0\.01 now\); choose another --work_dir"):
+        train(monkeypatch, tiny_dir, tmp_path / "split", "--max_step", 10, "--lr", 0.01, "--resume")
+    reset_accelerate()
+    # A fresh run there (no --resume) removes the earlier run's resume checkpoints, which --resume would take.
+    train_killed_after_checkpoint(monkeypatch, tiny_dir, tmp_path / "split", 4, "--max_step", 10, "--lr", 0.01)
+    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == ["checkpoint-4"]
 
 
 def test_grad_acc_counts_batches_as_microsoft_lora(tmp_path, monkeypatch, tiny_dir, capfd):
@@ -97,14 +125,16 @@ def test_grad_acc_counts_batches_as_microsoft_lora(tmp_path, monkeypatch, tiny_d
     assert {s["step"] for s in state["optimizer"]["state"].values()} == {4}  # updates at 3, 6, 9 (past 8) and 12
     assert sorted(p.name for p in (tmp_path / "full").glob("model.*.pt")) == ["model.12.pt", "model.4.pt",
                                                                               "model.8.pt"]
-    train(monkeypatch, tiny_dir, tmp_path / "split", "--grad_acc", 3, "--max_step", 6)
-    train(monkeypatch, tiny_dir, tmp_path / "split", "--grad_acc", 3, "--max_step", 12, "--resume")
+    train_killed_after_checkpoint(monkeypatch, tiny_dir, tmp_path / "split", 6, "--grad_acc", 3, "--max_step", 12,
+                                  "--save_interval", 3)
+    train(monkeypatch, tiny_dir, tmp_path / "split", "--grad_acc", 3, "--max_step", 12, "--save_interval", 3,
+          "--resume")
     full = load_file(tmp_path / "full" / "final" / "adapter.safetensors")
     resumed = load_file(tmp_path / "split" / "final" / "adapter.safetensors")
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
     # Stopped at batch 8, inside the window 7-9: said, and the next update still comes at batch 9.
-    train(monkeypatch, tiny_dir, tmp_path / "mid", "--grad_acc", 3, "--max_step", 8)
+    train_killed_after_checkpoint(monkeypatch, tiny_dir, tmp_path / "mid", 8, "--grad_acc", 3, "--max_step", 12)
     capfd.readouterr()
     train(monkeypatch, tiny_dir, tmp_path / "mid", "--grad_acc", 3, "--max_step", 12, "--resume")
     assert {s["step"] for s in saved_state("mid", 12)["optimizer"]["state"].values()} == {4}
@@ -234,7 +264,6 @@ def test_two_process_validation_counts_each_row_once(tmp_path, tiny_dir, gpt2_to
 
 
 def test_bad_input_is_one_clear_error(tmp_path, monkeypatch, tiny_dir, beam_data):
-    from common import UsageError
     data, _ = beam_data
     with pytest.raises(UsageError, match="--init_checkpoint .*missing does not exist"):
         run_script(gpt2_beam, monkeypatch, "--data", data, "--model_name_or_path", tiny_dir,

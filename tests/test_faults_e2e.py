@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_DIR, REPO, tiny_gpt2_config
+from conftest import DATA_DIR, REPO, reset_accelerate, tiny_gpt2_config
 from safetensors.torch import load_file
 
 import e2e_data
@@ -23,12 +23,6 @@ import gpt2_ft
 from common import run_main
 
 DEVSET = DATA_DIR / "e2e" / "original" / "devset.csv"
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +225,8 @@ def test_failed_checkpoint_write_leaves_nothing(env, tmp_path, monkeypatch, caps
         run_main(gpt2_ft.main, [str(a) for a in ft(env, tmp_path, "--save_interval", 1, "--max_step", 2)[1]])
     err = error_lines(capsys)
     assert exit_info.value.code == 2 and len(err) == 1 and "No space left on device" in err[0], err
-    leftovers = [p.name for p in (tmp_path / "out").rglob("*") if p.name != "config.json"]
+    # config.json and run_settings.json describe the run from its start; no checkpoint or result is left
+    leftovers = [p.name for p in (tmp_path / "out").rglob("*") if p.name not in ("config.json", "run_settings.json")]
     assert leftovers == [], leftovers
 
 
