@@ -92,13 +92,27 @@ sweep_say() {  # a line above the progress bar
   echo "$@"
 }
 
-sweep_set_aside_changed() {  # sweep_set_aside_changed INDEX: a folder another command made is moved out of the way
-  local i=$1 out=${SWEEP_OUT[$1]} aside
-  [ -f "$out/.sweep_command" ] && [ "$(cat "$out/.sweep_command")" != "${SWEEP_CMD[i]}" ] || return 0
-  aside="$out.replaced-$(date +%Y%m%d-%H%M%S)"
-  mv "$out" "$aside"
-  echo "${SWEEP_LABEL[i]}: its folder was made by another command (see $aside/.sweep_command); moved to $aside," \
-       "running it again"
+sweep_set_aside_changed() {  # folders another command made, and those built on them, are moved out of the way
+  local i changed=1 why aside
+  declare -A replaced=()
+  while [ "$changed" = 1 ]; do  # repeated for chains: a run that needs a replaced run is replaced too
+    changed=0
+    for i in "${!SWEEP_OUT[@]}"; do
+      [ -d "${SWEEP_OUT[i]}" ] || continue
+      if [ -f "${SWEEP_OUT[i]}/.sweep_command" ] &&
+         [ "$(cat "${SWEEP_OUT[i]}/.sweep_command")" != "${SWEEP_CMD[i]}" ]; then
+        why="was made by another command (see its .sweep_command)"
+      elif [ -n "${SWEEP_NEEDS[i]}" ] && [ -n "${replaced[${SWEEP_NEEDS[i]}]:-}" ]; then
+        why="was built on ${SWEEP_NEEDS[i]}, which runs again"
+      else
+        continue
+      fi
+      aside="${SWEEP_OUT[i]}.replaced-$(date +%Y%m%d-%H%M%S)"
+      mv "${SWEEP_OUT[i]}" "$aside"
+      replaced[${SWEEP_OUT[i]}]=1 changed=1
+      echo "${SWEEP_LABEL[i]}: its folder $why; moved to $aside, running it again"
+    done
+  done
 }
 
 sweep_score() {  # the run's headline score ("accuracy 80.39"), or a non-zero exit when it is not complete
@@ -199,8 +213,8 @@ sweep_execute() {
   SWEEP_TOTAL=${#SWEEP_OUT[@]} SWEEP_FINISHED=0 SWEEP_RAN=0 SWEEP_START=$SECONDS SWEEP_STATE=() SWEEP_FREE=()
   declare -g -A SWEEP_PID_RUN=() SWEEP_PID_SLOT=()
   declare -g -a SWEEP_RUN_START=()
+  sweep_set_aside_changed
   for i in "${!SWEEP_OUT[@]}"; do
-    sweep_set_aside_changed "$i"
     if score=$(sweep_score "${SWEEP_OUT[i]}" 2> /dev/null); then
       SWEEP_STATE[$i]=done skipped=$((skipped + 1)) SWEEP_FINISHED=$((SWEEP_FINISHED + 1))
       echo "[$SWEEP_FINISHED/$SWEEP_TOTAL] ${SWEEP_OUT[i]}: done, skipped ($score)"

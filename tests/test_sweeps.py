@@ -179,12 +179,35 @@ def test_parallel_sweep_survives_a_failing_run_reruns_an_unusable_one_and_restar
     before = json.loads((run_dir / "eval_results.json").read_text())
     changed = tiny_sweep(tiny_bert_dir, results, jobs=1, adapters="lora:4:2e-3", seeds="1")
     assert changed.returncode == 0, changed.stdout + changed.stderr
-    aside = re.search(r"^rte lora4 seed 1: its folder was made by another command .*; moved to (\S+), running it "
-                      r"again$", changed.stdout, re.M)
+    aside = re.search(r"^rte lora4 seed 1: its folder was made by another command \(see its .sweep_command\); "
+                      r"moved to (\S+), running it again$", changed.stdout, re.M)
     assert aside and "1 runs to do (0 already finished)" in changed.stdout, changed.stdout
     assert json.loads(Path(aside.group(1), "eval_results.json").read_text()) == before
     assert "--learning_rate 2e-3" in (run_dir / ".sweep_command").read_text()
     assert json.loads((run_dir / "adapter_setup.json").read_text())["learning_rate"] == 0.002
+
+
+def test_runs_built_on_a_replaced_run_are_replaced_too(tmp_path):
+    """The LoRA preset's RTE starts from the same seed's MNLI adapter: when MNLI's command changed, an RTE result
+    made from the old MNLI adapter is set aside too, though RTE's own command did not change (chains included)."""
+    for name, command in (("mnli", "train mnli lr=2"), ("rte", "train rte"), ("stsb", "train stsb"),
+                          ("sst2", "train sst2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".sweep_command").write_text(command.replace("lr=2", "lr=1"))
+    script = f"""
+        source {REPO / "sweep_lib.sh"}
+        sweep_add {tmp_path}/mnli mnli "" "train mnli lr=2"
+        sweep_add {tmp_path}/rte rte {tmp_path}/mnli "train rte"
+        sweep_add {tmp_path}/stsb stsb {tmp_path}/rte "train stsb"
+        sweep_add {tmp_path}/sst2 sst2 "" "train sst2"
+        sweep_set_aside_changed"""
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["mnli", "rte", "stsb"], lines
+    assert "rte: its folder was built on " + str(tmp_path / "mnli") + ", which runs again; moved to" in lines[1]
+    assert sorted(p.name.split(".")[0] for p in tmp_path.iterdir()) == ["mnli", "rte", "sst2", "stsb"]
+    assert (tmp_path / "sst2").is_dir() and not (tmp_path / "mnli").exists()  # sst2 untouched, the rest moved
 
 
 def test_the_failure_summary_prints_even_when_the_table_cannot_be_made(tiny_bert_dir, tmp_path):
