@@ -172,8 +172,9 @@ def settings_changed(folder, settings):
         stored = json.loads((Path(folder) / RUN_SETTINGS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    changed = [f"{k}: {stored.get(k)!r} then, {settings.get(k)!r} now" for k in sorted(set(stored) | set(settings))
-               if stored.get(k) != settings.get(k)]
+    # Keys only one side has (a setting this version added or dropped) are not a change of the run.
+    changed = [f"{k}: {stored[k]!r} then, {settings[k]!r} now" for k in sorted(set(stored) & set(settings))
+               if stored[k] != settings[k]]
     return "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
 
 

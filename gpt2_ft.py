@@ -722,8 +722,10 @@ RESUME_FREE_FLAGS = {"valid_data", "valid_batch_size", "max_valid_examples", "lo
 
 def check_or_record_settings(args, accelerator):
     """--resume continues only the run these flags describe: checkpoints trained with other settings (another
-    --lr, --max_epoch, data, ...) are refused in one line. A fresh run records its settings for a later --resume
-    and removes the resume checkpoints an earlier run left, which would otherwise be resumed in its place."""
+    --lr, --max_epoch, data, ...) are refused in one line, before anything in --work_dir changes. A fresh run
+    records its settings for a later --resume and removes what an earlier run left there: its resume checkpoints
+    (which --resume would take for this run's), its model.<step>.pt files, final/ and train_results.json (which
+    would make a fresh run that is stopped early look finished)."""
     settings = json.loads(json.dumps({**{k: v for k, v in asdict(args).items() if k not in RESUME_FREE_FLAGS},
                                       "processes": accelerator.num_processes}, default=str))
     work_dir = Path(args.work_dir)
@@ -738,11 +740,15 @@ def check_or_record_settings(args, accelerator):
         return
     accelerator.wait_for_everyone()  # every process has looked for checkpoints before any is removed
     if accelerator.is_main_process:
-        earlier = [p for p in work_dir.glob("checkpoint-*") if p.is_dir()]
-        for ckpt in earlier:
-            shutil.rmtree(ckpt)
+        inputs = [Path(f).resolve() for f in (args.init_checkpoint, args.train_data, args.valid_data) if f]
+        earlier = [p for p in (*work_dir.glob("checkpoint-*"), *work_dir.glob("model.*.pt"), work_dir / "final",
+                               work_dir / "train_results.json")
+                   if p.exists() and not any(f == p.resolve() or p.resolve() in f.parents for f in inputs)]
+        for path in earlier:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         if earlier:
-            logger.info("a fresh run: removed %d resume checkpoint(s) of an earlier run in %s", len(earlier), work_dir)
+            logger.info("a fresh run: removed what an earlier run left in %s (%s)", work_dir,
+                        ", ".join(sorted(p.name for p in earlier)[:6]) + (", ..." if len(earlier) > 6 else ""))
         write_run_settings(work_dir, settings)
     accelerator.wait_for_everyone()
 
@@ -772,13 +778,13 @@ def main(argv=None):
         raise UsageError(f"no training example fits in --seq_len {args.seq_len}")
     pad_id = GPT2_EOS if tokenizer is None else (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    check_or_record_settings(args, accelerator)  # before prepare_work_dir writes config.json
     prepare_work_dir(args, accelerator, model)
     setup = add_adapter(args, model, lora, notes)
     model.train()
     model, optimizer, train_loader, valid_loader, scheduler, max_step = build_training(
         args, accelerator, model, train_set, valid_set, pad_id)
     setup = describe(args, setup, max_step, accelerator, spelled)
-    check_or_record_settings(args, accelerator)
     trainer = Trainer(args, accelerator, model, optimizer, scheduler, train_loader, valid_loader,
                       args.adapter_name != "none", max_step)
     if args.resume:

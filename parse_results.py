@@ -245,7 +245,8 @@ def task_average(values, keys, stat, std):
     per_seed = [np.mean([np.mean([values[key][s] for key in keys if key[0] == task]) for task in tasks])
                 for s in sorted(seeds)]
     ddof = 1 if std == "sample" else 0
-    spread = (float(np.std(per_seed, ddof=ddof)) if len(per_seed) > ddof else 0.0) if per_seed else None
+    # A spread of per-seed means belongs beside a mean (a median's average gets none), from enough seeds.
+    spread = float(np.std(per_seed, ddof=ddof)) if stat == "mean" and len(per_seed) > ddof and per_seed else None
     return sum(scores) / len(scores), spread, len(scores), len(per_seed)
 
 

@@ -240,7 +240,16 @@ def parse_args(argv=None):
         default = os.path.join("glue_output", f"{data_args.task_name}{tag}")
         print(f"no --output_dir given: results go to {default}", file=sys.stderr)
         model_args, data_args, training_args = parse_dataclasses(parser, argv + ["--output_dir", default])
+        settle_task_name(data_args)
     check_values(model_args, data_args, training_args)
+    if (training_args.load_best_model_at_end and "metric_for_best_model" not in given
+            and data_args.task_name == "mnli"):
+        # Hugging Face's run_glue evaluates MNLI's matched set while training, so its default "loss" is that set's;
+        # here both sets are evaluated, each under its own prefix.
+        training_args.metric_for_best_model, training_args.greater_is_better = "matched_loss", False
+    if not model_args.use_fast_tokenizer:
+        print("note: --use_fast_tokenizer false has no effect: transformers 5 has only fast tokenizers",
+              file=sys.stderr)
     recipe = settle_recipe(model_args, training_args, given, fp16_dropped)
     if "adam_epsilon" not in given and recipe.flag_set.startswith("RandLoRA"):
         training_args.adam_epsilon = 1e-6  # transformers' old AdamW, which RandLoRA's run_glue.py builds itself
@@ -916,16 +925,20 @@ def evaluate(trainer, splits, task_name, prefixes):
     # The last per-epoch evaluation is the final model's, unless training stopped between epochs or the Trainer
     # loaded the best checkpoint at the end (--load_best_model_at_end): then the model saved and used for
     # predictions is evaluated again, as Hugging Face's run_glue.py does.
-    if (history and history[-1].get("step") == trainer.state.global_step
-            and not trainer.args.load_best_model_at_end):
+    loaded_best = trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint
+    if history and history[-1].get("step") == trainer.state.global_step and not loaded_best:
         final = history[-1]
     else:
         metrics = {}
         for name in eval_names:
             metrics.update(trainer.evaluate(splits[name], metric_key_prefix=prefixes[name][0]))
         final = rename_metrics(metrics, prefixes)
-        final.setdefault("epoch", trainer.state.epoch)
-        history.append(final)
+        if loaded_best:  # the loaded checkpoint's epoch; it is already in the history
+            step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
+            final["epoch"] = next((h["epoch"] for h in history if h.get("step") == step), trainer.state.epoch)
+        else:
+            final.setdefault("epoch", trainer.state.epoch)
+            history.append(final)
     best = max(history, key=lambda h: main_score(h, task_name))
     sizes = {"eval_samples" + prefixes[n][1]: len(splits[n]) for n in eval_names}
     for key, value in list(final.items()) + list(best.items()):
@@ -956,7 +969,8 @@ def main(argv=None):
         settings = run_settings(setup, model_args, data_args, training_args)
         if resume:
             check_resume_settings(resume, settings, training_args)
-        elif training_args.process_index == 0:
+        # From here the checkpoints in --output_dir are this run's (a resume that went on: with these settings).
+        if training_args.process_index == 0:
             write_run_settings(output_dir, settings)
 
     splits = tokenize(raw, tokenizer, data_args)

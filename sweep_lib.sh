@@ -92,6 +92,13 @@ sweep_say() {  # a line above the progress bar
   echo "$@"
 }
 
+sweep_command_record() {  # sweep_command_record INDEX: the run's command as kept in its folder, the interpreter
+  # ($PY: .venv/bin/python, $PYTHON or python) left out, so a new .venv or PYTHON=... changes no run's record
+  local cmd=${SWEEP_CMD[$1]} py
+  if [ -n "${PY:-}" ]; then py=$(printf '%q' "$PY"); cmd=${cmd//"$py "/"PYTHON "}; fi
+  printf '%s' "$cmd"
+}
+
 sweep_set_aside_changed() {  # folders another command made, and those built on them, are moved out of the way
   local i changed=1 why aside
   declare -A replaced=()
@@ -100,7 +107,7 @@ sweep_set_aside_changed() {  # folders another command made, and those built on 
     for i in "${!SWEEP_OUT[@]}"; do
       [ -d "${SWEEP_OUT[i]}" ] || continue
       if [ -f "${SWEEP_OUT[i]}/.sweep_command" ] &&
-         [ "$(cat "${SWEEP_OUT[i]}/.sweep_command")" != "${SWEEP_CMD[i]}" ]; then
+         [ "$(cat "${SWEEP_OUT[i]}/.sweep_command")" != "$(sweep_command_record "$i")" ]; then
         why="was made by another command (see its .sweep_command)"
       elif [ -n "${SWEEP_NEEDS[i]}" ] && [ -n "${replaced[${SWEEP_NEEDS[i]}]:-}" ]; then
         why="was built on ${SWEEP_NEEDS[i]}, which runs again"
@@ -122,7 +129,7 @@ sweep_score() {  # the run's headline score ("accuracy 80.39"), or a non-zero ex
 sweep_start_run() {  # sweep_start_run INDEX SLOT: start in the background, everything it prints into its log
   local i=$1 slot=$2 out=${SWEEP_OUT[$1]}
   mkdir -p "$out"
-  printf '%s' "${SWEEP_CMD[i]}" > "$out/.sweep_command.tmp" && mv "$out/.sweep_command.tmp" "$out/.sweep_command"
+  sweep_command_record "$i" > "$out/.sweep_command.tmp" && mv "$out/.sweep_command.tmp" "$out/.sweep_command"
   [ -z "${SWEEP_BEFORE_RUN:-}" ] || "$SWEEP_BEFORE_RUN" "$out" >> "$out/log.txt" 2>&1
   {
     echo "=== $(date '+%F %T') ${SWEEP_LABEL[i]} (slot $slot: ${SWEEP_SLOT_ENV[slot]})"

@@ -103,13 +103,18 @@ def test_training_lowers_loss_and_resume_continues_exactly(tmp_path, monkeypatch
         "checkpoint-10", "checkpoint-4", "checkpoint-8"]
 
     # --resume with another command: its checkpoints are another experiment. Refused, naming what changed.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "split").iterdir()}
     with pytest.raises(UsageError, match=r"--resume: the checkpoints in .*split were trained with other settings "
                                          r"\(lr: 0\.05 then, 0\.01 now\); choose another --work_dir"):
         train(monkeypatch, tiny_dir, tmp_path / "split", "--max_step", 10, "--lr", 0.01, "--resume")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "split").iterdir()} == before  # nothing touched
     reset_accelerate()
-    # A fresh run there (no --resume) removes the earlier run's resume checkpoints, which --resume would take.
+    # A fresh run there (no --resume) removes what the earlier run left: resume checkpoints (--resume would take
+    # them), model.<step>.pt, final/ and train_results.json (a fresh run stopped early would look finished).
     train_killed_after_checkpoint(monkeypatch, tiny_dir, tmp_path / "split", 4, "--max_step", 10, "--lr", 0.01)
     assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == ["checkpoint-4"]
+    assert sorted(p.name for p in (tmp_path / "split").glob("model.*.pt")) == ["model.4.pt"]
+    assert not (tmp_path / "split" / "final").exists() and not (tmp_path / "split" / "train_results.json").exists()
 
 
 def test_grad_acc_counts_batches_as_microsoft_lora(tmp_path, monkeypatch, tiny_dir, capfd):

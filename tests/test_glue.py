@@ -432,6 +432,11 @@ def test_resume_after_an_interrupted_run_ends_like_an_uninterrupted_one(tiny_mod
     run_glue_main(common_args(tiny_models["bert"], "rte", tmp_path / "named", *changed,
                               "--resume_from_checkpoint", tmp_path / "named" / "checkpoint-3"))
     assert "was trained with other settings (" in caplog.text and "continuing it as" in caplog.text
+    assert json.loads((tmp_path / "named" / "run_settings.json").read_text())["learning_rate"] == 1e-3  # now its
+    # A setting that one version records and another does not is no change (a run in progress survives upgrades).
+    record = json.loads((tmp_path / "cut" / "run_settings.json").read_text())
+    del record["model_revision"]
+    (tmp_path / "cut" / "run_settings.json").write_text(json.dumps({**record, "a_retired_setting": 1}))
 
     steps_run = []
     training_step = Trainer.training_step
@@ -565,6 +570,13 @@ def test_hugging_face_run_glue_flags_are_accepted(tiny_models, tmp_path):
     assert (data_args.max_eval_samples, data_args.max_predict_samples) == (5, 3)
     assert training_args.save_strategy == "steps" and training_args.load_best_model_at_end
     assert run_glue.hub_kwargs(model_args)["cache_dir"] == str(tmp_path / "cache")
+    # microsoft/LoRA's evaluation command has no --output_dir (the default one is parsed again); MNLI's best
+    # model is by its matched set's loss, the set Hugging Face's script evaluates while training
+    _, data_args, training_args, _ = run_glue.parse_args([
+        "--model_name_or_path", tiny_models["bert"], "--dataset_name", "nyu-mll/glue", "--dataset_config_name", "mnli",
+        "--do_eval", "--eval_strategy", "epoch", "--load_best_model_at_end"])
+    assert data_args.task_name == "mnli" and training_args.output_dir == os.path.join("glue_output", "mnli_lora16")
+    assert (training_args.metric_for_best_model, training_args.greater_is_better) == ("matched_loss", False)
 
 
 def test_load_best_model_at_end_reports_the_model_it_saved(tiny_models, tmp_path):

@@ -55,6 +55,8 @@ def test_text_table_mean_std_and_missing_runs(tree, capsys):
     per_seed = [(80 + 85 + 81 + 60) / 4, (84 + 86 + 81 + 62) / 4]
     assert rows["avg"].split()[-8:] == [f"{(82 + 81 + 87 + 62) / 4:.2f}", "±", f"{np.std(per_seed, ddof=1):.2f}",
                                         "(±", "over", "2", "complete", "seeds)"]
+    median = run([lora, 3, "--stat", "median"], capsys)[0].splitlines()[-1]
+    assert median.split() == ["avg", f"{(82 + 81 + 86 + 62) / 4:.2f}"]  # no ± of per-seed means beside medians
     assert [line.split()[0] for line in out.splitlines()[2:] if not line.startswith("-")] == [
         "mrpc", "stsb", "mnli", "mnli", "rte", "avg"]  # GLUE order
     assert "missing runs (1):" in err and f"{lora}/3/mrpc/eval_results.json (no such file)" in err

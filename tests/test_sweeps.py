@@ -183,7 +183,8 @@ def test_parallel_sweep_survives_a_failing_run_reruns_an_unusable_one_and_restar
                       r"moved to (\S+), running it again$", changed.stdout, re.M)
     assert aside and "1 runs to do (0 already finished)" in changed.stdout, changed.stdout
     assert json.loads(Path(aside.group(1), "eval_results.json").read_text()) == before
-    assert "--learning_rate 2e-3" in (run_dir / ".sweep_command").read_text()
+    record = (run_dir / ".sweep_command").read_text()
+    assert "--learning_rate 2e-3" in record and record.startswith("PYTHON run_glue.py ")  # the interpreter left out
     assert json.loads((run_dir / "adapter_setup.json").read_text())["learning_rate"] == 0.002
 
 
