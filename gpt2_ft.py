@@ -499,11 +499,21 @@ def add_adapter(args, model, lora, notes):
     if targets and "c_attn" in targets and not layer_class.fused_qkv:
         notes.append(f"{args.adapter_name} adapts all of c_attn (q, k and v): this suite's {args.adapter_name} has no "
                      "per-slice form, where the paper's code adapts the q and v slices")
-    if layer_class is peft_layers.RandLoraLayer and args.randlora_scaling == "fork":
+    fork = layer_class is peft_layers.RandLoraLayer and args.randlora_scaling == "fork"
+    if fork:
+        # RandLoRA's NLG code draws n = n_ctx // r + 1 bases for every layer (n_ctx: the context length, 1024 for
+        # every GPT-2) and scales the update by alpha / r / sqrt(n).
         given = alpha if alpha is not None else layer_class.default_alpha(args.rank)
-        alpha, n = peft_layers.randlora_fork_alpha(model, args.rank, given, targets)
-        notes.append(f"RandLoRA's scale alpha/r/sqrt(n), n = {n} bases: alpha stored as {given:g}/sqrt({n})")
+        n = model.config.n_positions // args.rank + 1
+        alpha = given / math.sqrt(n)
+        notes.append(f"RandLoRA's NLG scale alpha/r/sqrt(n), n = n_ctx // r + 1 = {n}: alpha stored as "
+                     f"{given:g}/sqrt({n})")
     peft_layers.apply_adapter(model, args.adapter_name, args.rank, alpha, targets, args.lora_dropout, seed=args.seed)
+    if fork:
+        per_layer = sorted({m.n_bases for _, m in peft_layers.adapter_layers(model)})
+        if per_layer != [n]:
+            notes.append(f"its NLG code gives every layer those {n} bases; here each layer has PEFT's "
+                         f"ceil(min(in, out) / r) = {'/'.join(map(str, per_layer))} (GPT-2-medium at r 20: 52 both)")
     alpha = model.peft_layers_config["alpha"]
     shown = [t + " (q,v slices)" if layer_class.fused_qkv and t in peft_layers.FUSED_QKV_LORA else t
              for t in model.peft_layers_config["target_modules"]]

@@ -861,7 +861,8 @@ class RandLoraLayer(AdapterLayer):
         self.n_bases = math.ceil(min(self.in_features, self.out_features) / rank)
         small = min(self.in_features, self.out_features)
         self.randlora_lambda = nn.Parameter(torch.zeros(rank, self.n_bases, **kw))
-        init = 1 / max(self.in_features, self.out_features)
+        # PEFT's (and RandLoRA's own code's) starting value: its reset sets 1 / max(gamma's shape) = 1 / min(in, out)
+        init = 1 / max(self.n_bases, small)
         self.randlora_gamma = nn.Parameter(torch.full((self.n_bases, small), init, **kw))
 
     def factors(self, params=None):
@@ -965,9 +966,9 @@ def default_alpha(method: str, rank: int) -> float:
 
 
 def randlora_fork_alpha(model: nn.Module, rank: int, alpha: float, targets: Names) -> tuple[float, int]:
-    """The alpha that gives RandLoRA's own scale, alpha / r / sqrt(n) (its PEFT fork for GLUE, its NLG code for
-    E2E), under ours and PEFT >= 0.16's alpha / r: (alpha / sqrt(n), n), n = ceil(min(in, out) / r) bases, which
-    must be one number in every targeted layer (nn.Linear or GPT-2's Conv1D)."""
+    """The alpha that gives the scale of RandLoRA's PEFT fork (its GLUE results), alpha / r / sqrt(n), under ours
+    and PEFT >= 0.16's alpha / r: (alpha / sqrt(n), n), n = ceil(min(in, out) / r) bases, which must be one number
+    in every targeted layer (nn.Linear or GPT-2's Conv1D). (Its NLG code counts n its own way: gpt2_ft.py.)"""
     names = _names(targets, "target_modules")
     widths = {min(m.weight.shape) for n, m in model.named_modules()
               if isinstance(m, (nn.Linear, Conv1D)) and _matches(n, names)}

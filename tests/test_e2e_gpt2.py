@@ -284,8 +284,8 @@ def test_bad_input_is_one_clear_error(tmp_path, monkeypatch, tiny_dir, beam_data
 
 @pytest.mark.parametrize("method,extra,targets,scale", [
     ("vera", [], ["c_attn"], 1.0),
-    # RandLoRA's NLG code: c_attn and the MLP, scale alpha / r / sqrt(n) with n = ceil(32 / 4) = 8 bases here
-    ("randlora", ["--lora_alpha", 8], ["c_attn", "mlp.c_fc", "mlp.c_proj"], 8 / 4 / 8 ** 0.5),
+    # RandLoRA's NLG code: c_attn and the MLP, scale alpha / r / sqrt(n) with its n = n_ctx // r + 1 = 256 // 4 + 1
+    ("randlora", ["--lora_alpha", 8], ["c_attn", "mlp.c_fc", "mlp.c_proj"], 8 / 4 / 65 ** 0.5),
     ("randlora", ["--lora_alpha", 8, "--randlora_scaling", "peft"], ["c_attn", "mlp.c_fc", "mlp.c_proj"], 2.0)])
 def test_vera_and_randlora_defaults_follow_their_papers_e2e_code(method, extra, targets, scale):
     """`--adapter_name vera|randlora` adapt the layers those papers' E2E code adapts, at RandLoRA's own scale unless
@@ -300,6 +300,9 @@ def test_vera_and_randlora_defaults_follow_their_papers_e2e_code(method, extra, 
     assert not any(name.endswith("attn.c_proj") for name in adapted)
     assert sum(name.endswith("mlp.c_fc") for name in adapted) == (method == "randlora") * model.config.n_layer
     assert any("all of c_attn" in note for note in setup["notes"])
+    if extra == ["--lora_alpha", 8]:  # its bases per layer are not ours (PEFT's per-layer count): said at start
+        assert any("every layer those 65 bases; here each layer has PEFT's ceil(min(in, out) / r) = 8" in note
+                   for note in setup["notes"])
     if method == "vera":  # lambda_d (r) + lambda_b (3 x n_embd) per block: r1024 on GPT-2 medium, the paper's 0.098M
         assert setup["trainable_params"] == model.config.n_layer * (4 + 3 * model.config.n_embd)
 

@@ -209,13 +209,26 @@ def test_peft_trained_adapter_loads_into_ours(tmp_path, method, rank, alpha):
 
 
 @pytest.mark.parametrize("method,rank", [("vera", 8), ("randlora", 4)])
-def test_shared_projections_match_peft_for_the_same_seed(method, rank):
+def test_a_fresh_adapter_holds_what_peft_builds_for_the_same_seed(method, rank):
+    """Shared bases and every trainable tensor as PEFT 0.21.2 starts them, on square and non-square layers (the
+    feed-forward ones: 32 -> 64 -> 32). RandLoRA's gamma is 1 / min(in, out) there, PEFT's reset value
+    (1 / max(gamma.shape)); it once started at 1 / max(in, out), 2x too small on these layers, 4x on RoBERTa's."""
     from peft import get_peft_model
-    theirs = get_peft_model(bert(), pl.peft_config(method, rank, 16.0, ["query", "value"], seed=11))
-    ours = pl.apply_adapter(bert(), method, rank, 16.0, seed=11)
+    targets = ["query", "value", "intermediate.dense", "output.dense"]
+    theirs = get_peft_model(bert(), pl.peft_config(method, rank, 16.0, targets, seed=11))
+    ours = pl.apply_adapter(bert(), method, rank, 16.0, target_modules=targets, seed=11)
     for name in (f"{method}_A", f"{method}_B"):
         peft_buf = getattr(theirs.base_model, name)["default"]
         torch.testing.assert_close(getattr(ours.peft_bases, name), peft_buf.float(), atol=0, rtol=0)
+    layers = {name: m for name, m in ours.named_modules() if isinstance(m, pl.AdapterLayer)}
+    assert len(layers) == 10 and {m.in_features != m.out_features for m in layers.values()} == {True, False}
+    for name, layer in layers.items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        for param, value in layer.named_parameters(recurse=False):
+            if param in ("weight", "bias"):
+                continue
+            torch.testing.assert_close(value, getattr(peft_layer, param)["default"].float(), atol=0, rtol=0,
+                                       msg=f"{name}.{param}")
 
 
 def test_gpt2_fused_lora_peft_parity(tmp_path):
