@@ -1015,17 +1015,20 @@ def _names(names, what):
 
 
 def apply_adapter(model: nn.Module, method: str, rank: int, alpha: float | None = None,
-                  target_modules: Names = None, dropout: float = 0.0, seed: int = 0, modules_to_save: Names = None,
-                  fused_qkv_lora: bool = True) -> nn.Module:
+                  target_modules: Names = None, dropout: float = 0.0, seed: int | None = None,
+                  modules_to_save: Names = None, fused_qkv_lora: bool = True) -> nn.Module:
     """Adapt `model` in place and freeze everything but the adapter and `modules_to_save`; returns the model.
 
     target_modules: module-name suffixes (default: the architecture's query/value projections).
+    seed: VeRA's / RandLoRA's projection key (None: 0, PEFT's projection_prng_key default) and the seed of LoRA's
+      lora_A draw (None: drawn from torch's global RNG, so torch.manual_seed decides it, as in loralib and PEFT).
+      The seed used is stored in the adapter's config.
     fused_qkv_lora: with LoRA, adapt only the q and v slices of GPT-2's fused c_attn (as loralib's MergedLinear).
     """
     method, rank, alpha_given = _check_method(method), _check_rank(rank), alpha is not None
     alpha = default_alpha(method, rank) if alpha is None else _check_alpha(alpha)
     dropout = _check_dropout(dropout)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise AdapterError(f"adapter seed must be an integer, got {seed!r}")
     target_modules = _names(target_modules, "target_modules")
     modules_to_save = _names(modules_to_save, "modules_to_save")
@@ -1043,6 +1046,8 @@ def apply_adapter(model: nn.Module, method: str, rank: int, alpha: float | None 
                            f"named {linear}")
     shapes = [(m.weight.shape[::-1] if (Conv1D and isinstance(m, Conv1D)) else m.weight.shape) for _, m in found]
     layer_class = method_class(method)
+    if seed is None:
+        seed = 0 if layer_class.uses_bases else int(torch.randint(0, 2**62, (1,)).item())
     bases = None
     if layer_class.uses_bases:
         bases = SharedBases(method, rank, shapes, seed, device=found[0][1].weight.device)

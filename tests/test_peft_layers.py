@@ -590,3 +590,20 @@ def test_dropout_mask_keeps_each_element_with_probability_1_minus_p():
     for p in (0.1, 0.5):
         mask = pl._dropout_mask(torch.zeros(200_000), p)
         assert mask.dtype == torch.bool and abs(mask.float().mean().item() - (1 - p)) < 0.005
+
+
+def test_lora_init_follows_torch_seed_unless_a_seed_is_given():
+    """As loralib and PEFT: without a seed, lora_A comes from torch's global RNG (each training seed its own A);
+    with one, from that seed alone. The seed used is stored, so a saved adapter says how it started."""
+    def lora_a(torch_seed, **kw):
+        model = bert()  # (built from its own seed)
+        torch.manual_seed(torch_seed)
+        pl.apply_adapter(model, "lora", 4, 8.0, **kw)
+        layer = next(layer for _, layer in pl.adapter_layers(model))
+        return layer.lora_A.detach().clone(), model.peft_layers_config["seed"]
+
+    (a1, s1), (a1_again, _), (a2, s2) = lora_a(1), lora_a(1), lora_a(2)
+    assert torch.equal(a1, a1_again) and not torch.equal(a1, a2) and s1 != s2
+    (b1, t1), (b2, t2) = lora_a(1, seed=5), lora_a(2, seed=5)
+    assert torch.equal(b1, b2) and t1 == t2 == 5
+    assert pl.apply_adapter(bert(), "vera", 8).peft_layers_config["seed"] == 0  # PEFT's projection_prng_key
