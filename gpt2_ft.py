@@ -500,7 +500,7 @@ def add_adapter(args, model, lora, notes):
         notes.append(f"{args.adapter_name} adapts all of c_attn (q, k and v): this suite's {args.adapter_name} has no "
                      "per-slice form, where the paper's code adapts the q and v slices")
     fork = layer_class is peft_layers.RandLoraLayer and args.randlora_scaling == "fork"
-    if fork:
+    if fork and model.config.model_type == "gpt2":
         # RandLoRA's NLG code draws n = n_ctx // r + 1 bases for every layer (n_ctx: the context length, 1024 for
         # every GPT-2) and scales the update by alpha / r / sqrt(n).
         given = alpha if alpha is not None else layer_class.default_alpha(args.rank)
@@ -508,6 +508,10 @@ def add_adapter(args, model, lora, notes):
         alpha = given / math.sqrt(n)
         notes.append(f"RandLoRA's NLG scale alpha/r/sqrt(n), n = n_ctx // r + 1 = {n}: alpha stored as "
                      f"{given:g}/sqrt({n})")
+    elif fork:  # another causal LM (RandLoRA's NLG code is GPT-2's): its PEFT fork's per-layer n
+        given = alpha if alpha is not None else layer_class.default_alpha(args.rank)
+        alpha, n = peft_layers.randlora_fork_alpha(model, args.rank, given, targets)
+        notes.append(f"RandLoRA's scale alpha/r/sqrt(n), n = {n} bases: alpha stored as {given:g}/sqrt({n})")
     peft_layers.apply_adapter(model, args.adapter_name, args.rank, alpha, targets, args.lora_dropout, seed=args.seed)
     if fork:
         per_layer = sorted({m.n_bases for _, m in peft_layers.adapter_layers(model)})
