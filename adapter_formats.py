@@ -296,6 +296,22 @@ def save_peft(model: nn.Module, path: PathLike, base_model_name_or_path: str | N
     return path
 
 
+def _check_rank_pattern_covers_every_layer(path, model, rank_pattern, targets, rank):
+    """A rank_pattern for some layers only means two ranks in one adapter (e.g. our save_peft of GPT-2's fused
+    c_attn, 2r unfused, beside MLP layers at r), which one adapter of ours cannot hold: one clear error."""
+    def covered(name):
+        return any(name == key or name.endswith("." + key) for key in rank_pattern)
+    layers = [n for n, m in model.named_modules() if _matches(n, targets) and hasattr(m, "weight")
+              and m.weight.dim() == 2 and not any(part in n for part in ("lora_", "vera_", "randlora_"))]
+    others = [n for n in layers if not covered(n)]
+    if others and layers:
+        raise AdapterError(
+            f"{path}: the adapter has two ranks (rank_pattern gives {next(iter(rank_pattern.values()))} to "
+            f"{', '.join(sorted(rank_pattern)[:2])}{', ...' if len(rank_pattern) > 2 else ''}; r {rank} elsewhere, "
+            f"e.g. {others[0]}), which this loader cannot build; load the adapter.safetensors saved beside it "
+            "(peft_layers.save_adapter keeps GPT-2's fused c_attn as one layer), or adapt layers of one rank")
+
+
 def load_peft(model: nn.Module, path: PathLike) -> nn.Module:
     """Load a Hugging Face PEFT adapter folder (LoRA, VeRA or RandLoRA) into `model`, applying it if needed."""
     path = Path(path)
@@ -320,6 +336,7 @@ def load_peft(model: nn.Module, path: PathLike) -> nn.Module:
     alpha = layer_class.peft_alpha(pc)
     alpha = _check_alpha(alpha)
     if rank_pattern:
+        _check_rank_pattern_covers_every_layer(path, model, rank_pattern, targets, rank)
         # only the uniform case: every layer got the same override
         new_rank = _check_rank(next(iter(rank_pattern.values())))
         alpha = _check_alpha(pc.get("alpha_pattern", {}).get(next(iter(rank_pattern)), alpha * new_rank / rank))
@@ -359,6 +376,7 @@ from peft_layers import (  # noqa: E402
     _check_alpha,
     _check_rank,
     _config_of,
+    _matches,
     _saved_module_tensors,
     adapter_layers,
     adapter_state_dict,

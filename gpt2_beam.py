@@ -170,13 +170,13 @@ def load_model(args, device, token_data=False):
         if rank != args.rank:
             raise UsageError(f"{ckpt} holds LoRA tensors of rank {rank}, but --rank/--lora_dim is {args.rank}: "
                              f"pass --lora_dim {rank}")
-        peft_layers.apply_adapter(model, "lora", rank, args.lora_alpha)
+        peft_layers.apply_adapter(model, "lora", rank, args.lora_alpha, seed=0)  # its tensors are loaded next
         gpt2_checkpoint.load_lora_tensors(model, lora, ckpt)
         setup["adapter"] = {"method": "lora", "rank": rank, "alpha": args.lora_alpha,
                             "scaling": args.lora_alpha / rank, "alpha_from": "--lora_alpha (loralib files hold none)"}
     elif ckpt and not base:
         if Path(ckpt).suffix in (".pt", ".bin", ".pth"):  # loralib: no config inside
-            peft_layers.apply_adapter(model, "lora", args.rank, args.lora_alpha)
+            peft_layers.apply_adapter(model, "lora", args.rank, args.lora_alpha, seed=0)
         peft_layers.load_adapter(model, ckpt)
     cfg = getattr(model, "peft_layers_config", None)
     if cfg and setup["adapter"] is None:

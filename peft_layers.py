@@ -861,7 +861,7 @@ class RandLoraLayer(AdapterLayer):
         self.n_bases = math.ceil(min(self.in_features, self.out_features) / rank)
         small = min(self.in_features, self.out_features)
         self.randlora_lambda = nn.Parameter(torch.zeros(rank, self.n_bases, **kw))
-        # PEFT's (and RandLoRA's own code's) starting value: its reset sets 1 / max(gamma's shape) = 1 / min(in, out)
+        # PEFT's (and RandLoRA's GLUE fork's) starting value: its reset sets 1 / max(gamma's shape) = 1 / min(in, out)
         init = 1 / max(self.n_bases, small)
         self.randlora_gamma = nn.Parameter(torch.full((self.n_bases, small), init, **kw))
 
@@ -972,6 +972,10 @@ def randlora_fork_alpha(model: nn.Module, rank: int, alpha: float, targets: Name
     names = _names(targets, "target_modules")
     widths = {min(m.weight.shape) for n, m in model.named_modules()
               if isinstance(m, (nn.Linear, Conv1D)) and _matches(n, names)}
+    if not widths:  # the same error apply_adapter would give, not a puzzle about numbers of bases
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+        raise AdapterError(f"no linear layer matches target_modules {list(names)}; this model's linear layers are "
+                           f"named {linear}")
     n_bases = {math.ceil(w / rank) for w in widths}
     if len(n_bases) != 1:
         raise AdapterError(f"RandLoRA's scale alpha/r/sqrt(n) needs one number of bases n in every adapted layer, "

@@ -321,6 +321,11 @@ def test_lora_on_another_causal_lm_takes_that_architectures_default_layers():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     assert gpt2_ft.add_adapter(args, model, None, [])["scaling"] == pytest.approx(640 / 4 / 4 ** 0.5)  # n = 16 / 4
+    args, _ = gpt2_ft.parse_args(["--train_data", DEVSET, "--adapter_name", "randlora", "--rank", 4])
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(peft_layers.AdapterError, match=r"no linear layer matches target_modules \['c_attn'"):
+        gpt2_ft.add_adapter(args, model, None, [])  # GPT-2's layer names, said as such
 
 
 def test_the_base_model_trains_without_dropout_of_its_own_as_in_microsoft_lora(tiny_dir, gpt2_tokenizer):

@@ -242,6 +242,18 @@ def test_gpt2_fused_lora_peft_parity(tmp_path):
     back = pl.load_adapter(gpt2(), tmp_path)  # PEFT -> ours: a rank-2r LoRA on the whole c_attn, same function
     torch.testing.assert_close(logits(back.eval(), x), expect, atol=1e-5, rtol=0)
 
+    # With MLP layers beside the fused c_attn, PEFT's file has two ranks (2r on c_attn, r elsewhere), which one
+    # adapter here cannot build: one error naming it and the way out (our own file), not a rank mismatch.
+    mixed = randomize_adapter(pl.apply_adapter(gpt2(), "lora", 4, 32.0, ["c_attn", "mlp.c_fc"], seed=1))
+    pl.save_peft(mixed, tmp_path / "mixed")
+    pl.save_adapter(mixed, tmp_path / "mixed")
+    with pytest.raises(pl.AdapterError, match=r"the adapter has two ranks \(rank_pattern gives 8 to .*c_attn.*; r 4 "
+                                              r"elsewhere, e.g. .*mlp.c_fc\), .*load the adapter.safetensors"):
+        pl.load_peft(gpt2(), tmp_path / "mixed")
+    expect = logits(mixed.eval(), x)
+    torch.testing.assert_close(logits(pl.load_adapter(gpt2(), tmp_path / "mixed").eval(), x), expect, atol=1e-6,
+                               rtol=0)
+
 
 def test_loralib_checkpoint_loads_with_identical_logits(tmp_path):
     import loralib
