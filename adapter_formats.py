@@ -299,12 +299,8 @@ def save_peft(model: nn.Module, path: PathLike, base_model_name_or_path: str | N
 def _check_rank_pattern_covers_every_layer(path, model, rank_pattern, targets, rank):
     """A rank_pattern for some layers only means two ranks in one adapter (e.g. our save_peft of GPT-2's fused
     c_attn, 2r unfused, beside MLP layers at r), which one adapter of ours cannot hold: one clear error."""
-    def covered(name):
-        return any(name == key or name.endswith("." + key) for key in rank_pattern)
-    layers = [n for n, m in model.named_modules() if _matches(n, targets) and hasattr(m, "weight")
-              and m.weight.dim() == 2 and not any(part in n for part in ("lora_", "vera_", "randlora_"))]
-    others = [n for n in layers if not covered(n)]
-    if others and layers:
+    others = [n for n, _ in _target_layers(model, targets, required=False) if not _matches(n, rank_pattern)]
+    if others:
         raise AdapterError(
             f"{path}: the adapter has two ranks (rank_pattern gives {next(iter(rank_pattern.values()))} to "
             f"{', '.join(sorted(rank_pattern)[:2])}{', ...' if len(rank_pattern) > 2 else ''}; r {rank} elsewhere, "
@@ -378,6 +374,7 @@ from peft_layers import (  # noqa: E402
     _config_of,
     _matches,
     _saved_module_tensors,
+    _target_layers,
     adapter_layers,
     adapter_state_dict,
     apply_adapter,

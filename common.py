@@ -159,19 +159,25 @@ def atomic_write_json(path, obj, indent=2):
 RUN_SETTINGS = "run_settings.json"  # what a training run trained with, beside its checkpoints
 
 
+def _as_stored(settings):
+    """Settings as they read back from the record (values JSON cannot hold, such as paths, as their text)."""
+    return json.loads(json.dumps(settings, default=str))
+
+
 def write_run_settings(folder, settings):
-    atomic_write_json(Path(folder) / RUN_SETTINGS, settings)
+    atomic_write_json(Path(folder) / RUN_SETTINGS, _as_stored(settings))
 
 
 def settings_changed(folder, settings):
-    """How `settings` (JSON values) differ from those the run in `folder` stored when it started: a short text
-    ("lr: 0.0002 then, 0.0005 now; ..."), "" when they are the same, None when the folder holds no readable
-    record (a run of an older version). A resume must continue the same experiment; a changed command resumed
-    silently would report the old run's model under the new settings."""
+    """How `settings` differ from those the run in `folder` stored when it started: a short text ("lr: 0.0002
+    then, 0.0005 now; ..."), "" when they are the same, None when the folder holds no readable record (a run of
+    an older version). A resume must continue the same experiment; a changed command resumed silently would
+    report the old run's model under the new settings."""
     try:
         stored = json.loads((Path(folder) / RUN_SETTINGS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    settings = _as_stored(settings)
     # Keys only one side has (a setting this version added or dropped) are not a change of the run.
     changed = [f"{k}: {stored[k]!r} then, {settings[k]!r} now" for k in sorted(set(stored) & set(settings))
                if stored[k] != settings[k]]

@@ -29,7 +29,6 @@ a loralib-layout model.STEP.pt (adapter only; the whole model at the end of each
 work_dir/final and train_results.json (set-up, validation history, tokens/s, peak memory).
 """
 import contextlib
-import json
 import logging
 import math
 import os
@@ -467,8 +466,8 @@ def load_model(args):
     if args.init_checkpoint:
         base, lora = gpt2_checkpoint.split_state_dict(gpt2_checkpoint.read_state_dict(args.init_checkpoint))
     if not base:
-        name = args.model_name_or_path or gpt2_checkpoint.card_hub_name(args.model_card or "gpt2.md")
-        model = load_causal_lm(name, edit_config=lambda c: changed.update(set_base_dropout(c, args.model_dropout)))
+        model = load_causal_lm(model_source(args),
+                               edit_config=lambda c: changed.update(set_base_dropout(c, args.model_dropout)))
     elif args.model_name_or_path:
         raise UsageError(f"--init_checkpoint {args.init_checkpoint} holds a whole model: leave out "
                          "--model_name_or_path, or give an adapter-only checkpoint")
@@ -500,16 +499,15 @@ def add_adapter(args, model, lora, notes):
         notes.append(f"{args.adapter_name} adapts all of c_attn (q, k and v): this suite's {args.adapter_name} has no "
                      "per-slice form, where the paper's code adapts the q and v slices")
     fork = layer_class is peft_layers.RandLoraLayer and args.randlora_scaling == "fork"
+    given = alpha if alpha is not None else layer_class.default_alpha(args.rank)
     if fork and model.config.model_type == "gpt2":
         # RandLoRA's NLG code draws n = n_ctx // r + 1 bases for every layer (n_ctx: the context length, 1024 for
         # every GPT-2) and scales the update by alpha / r / sqrt(n).
-        given = alpha if alpha is not None else layer_class.default_alpha(args.rank)
         n = model.config.n_positions // args.rank + 1
         alpha = given / math.sqrt(n)
         notes.append(f"RandLoRA's NLG scale alpha/r/sqrt(n), n = n_ctx // r + 1 = {n}: alpha stored as "
                      f"{given:g}/sqrt({n})")
     elif fork:  # another causal LM (RandLoRA's NLG code is GPT-2's): its PEFT fork's per-layer n
-        given = alpha if alpha is not None else layer_class.default_alpha(args.rank)
         alpha, n = peft_layers.randlora_fork_alpha(model, args.rank, given, targets)
         notes.append(f"RandLoRA's scale alpha/r/sqrt(n), n = {n} bases: alpha stored as {given:g}/sqrt({n})")
     peft_layers.apply_adapter(model, args.adapter_name, args.rank, alpha, targets, args.lora_dropout, seed=args.seed)
@@ -740,8 +738,8 @@ def check_or_record_settings(args, accelerator):
     records its settings for a later --resume and removes what an earlier run left there: its resume checkpoints
     (which --resume would take for this run's), its model.<step>.pt files, final/ and train_results.json (which
     would make a fresh run that is stopped early look finished)."""
-    settings = json.loads(json.dumps({**{k: v for k, v in asdict(args).items() if k not in RESUME_FREE_FLAGS},
-                                      "processes": accelerator.num_processes}, default=str))
+    settings = {**{k: v for k, v in asdict(args).items() if k not in RESUME_FREE_FLAGS},
+                "processes": accelerator.num_processes}
     work_dir = Path(args.work_dir)
     if args.resume and latest_checkpoint(work_dir) is not None:
         changed = settings_changed(work_dir, settings)

@@ -227,6 +227,17 @@ def build_table(roots, nseeds, row_specs, stat, std, best):
     return rows, missing, per_root
 
 
+def seed_task_averages(values, keys):
+    """RandLoRA's per-seed averages: for every seed that has all `keys`, the mean over tasks of that seed's values
+    (a task's metrics averaged first); returns (those seeds, their averages)."""
+    import numpy as np
+
+    tasks = list(dict.fromkeys(task for task, _ in keys))
+    seeds = sorted(set.intersection(*(set(values[key]) for key in keys)))
+    return seeds, [float(np.mean([np.mean([values[key][s] for key in keys if key[0] == task]) for task in tasks]))
+                   for s in seeds]
+
+
 def task_average(values, keys, stat, std):
     """Average over the tasks that have results: a task's metrics are averaged first, so each task is one vote.
     Its ± is RandLoRA's: the std over seeds of each seed's task average, from the seeds every task has (None when
@@ -241,9 +252,7 @@ def task_average(values, keys, stat, std):
             scores.append(sum(c[0] for c in cells) / len(cells))
     if not scores:
         return None
-    seeds = set.intersection(*(set(values[key]) for key in keys))
-    per_seed = [np.mean([np.mean([values[key][s] for key in keys if key[0] == task]) for task in tasks])
-                for s in sorted(seeds)]
+    _, per_seed = seed_task_averages(values, keys)
     ddof = 1 if std == "sample" else 0
     # A spread of per-seed means belongs beside a mean (a median's average gets none), from enough seeds.
     spread = float(np.std(per_seed, ddof=ddof)) if stat == "mean" and len(per_seed) > ddof and per_seed else None
@@ -343,9 +352,8 @@ def render_randlora(per_root, roots, tasks, nseeds, std):
             cell = summarize(list(values[(task, report_metrics(task)[0])].values()), "mean", std)
             cells.append("-" if cell is None else f"{cell[0]:.1f} $\\pm$ {cell[1]:.1f}"
                          + (f" ({cell[2]}/{nseeds})" if cell[2] < nseeds else ""))
-        complete = [s for s in range(1, nseeds + 1) if all(s in values[(t, report_metrics(t)[0])] for t in order)]
+        complete, per_seed = seed_task_averages(values, [(t, report_metrics(t)[0]) for t in order])
         if complete:
-            per_seed = [np.mean([values[(t, report_metrics(t)[0])][s] for t in order]) for s in complete]
             spread = float(np.std(per_seed, ddof=ddof)) if len(per_seed) > ddof else 0.0
             cells.append(f"{np.mean(per_seed):.1f} $\\pm$ {spread:.1f}"
                          + (f" (seeds {' '.join(map(str, complete))})" if len(complete) < nseeds else ""))

@@ -951,6 +951,18 @@ def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _target_layers(model, targets, required=True):
+    """The (name, module) pairs of the layers `targets` name: nn.Linear, GPT-2's Conv1D, or an adapter layer in
+    their place. None found is an AdapterError naming the model's linear layers, unless not `required`."""
+    found = [(n, m) for n, m in model.named_modules()
+             if _matches(n, targets) and isinstance(m, (nn.Linear, Conv1D, AdapterLayer))]
+    if not found and required:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+        raise AdapterError(f"no linear layer matches target_modules {targets}; this model's linear layers are "
+                           f"named {linear}")
+    return found
+
+
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
@@ -969,13 +981,7 @@ def randlora_fork_alpha(model: nn.Module, rank: int, alpha: float, targets: Name
     """The alpha that gives the scale of RandLoRA's PEFT fork (its GLUE results), alpha / r / sqrt(n), under ours
     and PEFT >= 0.16's alpha / r: (alpha / sqrt(n), n), n = ceil(min(in, out) / r) bases, which must be one number
     in every targeted layer (nn.Linear or GPT-2's Conv1D). (Its NLG code counts n its own way: gpt2_ft.py.)"""
-    names = _names(targets, "target_modules")
-    widths = {min(m.weight.shape) for n, m in model.named_modules()
-              if isinstance(m, (nn.Linear, Conv1D)) and _matches(n, names)}
-    if not widths:  # the same error apply_adapter would give, not a puzzle about numbers of bases
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
-        raise AdapterError(f"no linear layer matches target_modules {list(names)}; this model's linear layers are "
-                           f"named {linear}")
+    widths = {min(m.weight.shape) for _, m in _target_layers(model, list(_names(targets, "target_modules")))}
     n_bases = {math.ceil(w / rank) for w in widths}
     if len(n_bases) != 1:
         raise AdapterError(f"RandLoRA's scale alpha/r/sqrt(n) needs one number of bases n in every adapted layer, "
@@ -1042,12 +1048,7 @@ def apply_adapter(model: nn.Module, method: str, rank: int, alpha: float | None 
     targets = list(target_modules) if target_modules else DEFAULT_TARGETS.get(model_type)
     if not targets:
         raise AdapterError(f"no default target modules for model type {model_type!r}; pass target_modules")
-    found = [(n, m) for n, m in model.named_modules()
-             if _matches(n, targets) and (isinstance(m, nn.Linear) or (Conv1D and isinstance(m, Conv1D)))]
-    if not found:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise AdapterError(f"no linear layer matches target_modules {targets}; this model's linear layers are "
-                           f"named {linear}")
+    found = _target_layers(model, targets)
     shapes = [(m.weight.shape[::-1] if (Conv1D and isinstance(m, Conv1D)) else m.weight.shape) for _, m in found]
     layer_class = method_class(method)
     if seed is None:

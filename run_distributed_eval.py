@@ -260,8 +260,8 @@ def read_examples(files, *, src_lang=None, tgt_lang=None, source_key="document",
         if len(targets) > len(sources):  # the legacy script scores against the first len(sources) lines
             extra = targets[len(sources):]
             logger.info(f"note: {files[1]} has {len(extra)} line(s) more than {files[0].name} "
-                           f"({'all blank' if not any(extra) else 'not all blank'}); they are ignored, as the "
-                           "legacy script ignores them")
+                        f"({'all blank' if not any(extra) else 'not all blank'}); they are ignored, as the "
+                        "legacy script ignores them")
         return sources, targets[: len(sources)]
     return _read_json_examples(files[0], (source_key, target_key), (src_lang, tgt_lang), need_targets)
 

@@ -674,7 +674,7 @@ def run_settings(setup, model_args, data_args, training_args):
         for key in TRAINING_KEYS[group]:
             value = getattr(args, key, None)
             settings[key] = value.value if hasattr(value, "value") else value  # enums as their strings
-    return json.loads(json.dumps(settings, default=str))  # as read back from the file
+    return settings
 
 
 def check_resume_settings(resume, settings, training_args):
